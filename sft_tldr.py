@@ -1,0 +1,611 @@
+"""Stage 1 of 3: supervised fine-tuning (SFT) on TL;DR reference summaries.
+
+Reproduces the SFT stage of "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+Summarization" (Huang et al., 2024, arXiv 2403.17031). Every implementation detail carries a tag such as
+`[N+ 1.B.4]` that points into the project's checklist of the reference code (sections 1.A data, 1.B SFT,
+2 helper math, 3 metric names); `grep -n "N+ 1.B" sft_tldr.py` maps the checklist to the code.
+
+What it does, top to bottom:
+  1. builds the TL;DR queries (`SUBREDDIT/TITLE/POST/TL;DR:`), smart-truncates the post at a newline until the
+     query fits 512 tokens and left-pads it; appends " summary<EOS>" as the reference response [N+ 1.A];
+  2. trains the causal LM with the token-mean cross-entropy over every non-pad token, AdamW 3e-6 / eps 1e-5,
+     cosine schedule, global batch 128, one epoch [N+ 1.B];
+  3. evaluates on validation and test: teacher-forced loss, then samples 53 tokens at temperature 0.01,
+     truncates after the first EOS and scores ROUGE-1/2/L against the reference [N+ 1.B.10-13];
+  4. saves a standard Hugging Face folder (safetensors, tokenizer with its pad token, generation config) that
+     `reward_tldr.py` and `ppo_tldr.py` load with `from_pretrained`.
+
+Deviations from the reference code (each deliberate):
+  * The SFT training sequence is the token concatenation `query_token + reference_response_token` instead of
+    re-encoding the concatenated strings [N+ 1.A.8]: the model trains on exactly the tokens it later generates
+    after. For Pythia both give the same ids (the query ends with "TL;DR:", the response starts with a space).
+  * Generation clears `eos_token_id` from the model's generation config and samples `max_new_tokens` tokens
+    without `min_new_tokens`. With transformers 5, `min_new_tokens == max_new_tokens` plus an EOS id restored
+    from the model's own generation config suppresses EOS entirely (peers-and-pitfalls, transformers#42762).
+  * ROUGE uses the `rouge-score` package directly (what `evaluate.load("rouge")` wraps) and averages over all
+    examples instead of per-batch means.
+  * Trailing columns that are padding in the whole micro-batch are trimmed before the forward pass. Causal
+    attention makes this exact; it only skips work.
+
+Launch:
+  python sft_tldr.py                                          # paper defaults, one GPU (grad-accum keeps batch 128)
+  accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml sft_tldr.py --seed 44413
+  python sft_tldr.py --base_model models/smollm2-135m --dataset data/tldr_synth/sft \
+      --batch_size 8 --total_episodes 64 --max_eval_samples 16 --output_dir runs/sft_smoke   # tiny CPU run
+
+Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training sequences seen):
+  train/sft/loss, train/sft/lr                      mean token cross-entropy over the grad-accum window, LR
+  {validation,test}/sft/loss                        teacher-forced loss on cat(query, reference response)
+  {validation,test}/sft/rouge/{rouge1,rouge2,rougeL} ROUGE F-measure of T=0.01 samples against the reference
+"""
+
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # --- run and tracking
+    exp_name: str = "sft_tldr"
+    """name of this experiment; the run name is `{exp_name}__{seed}__{unix time}`"""
+    seed: int = 44413
+    """global seed: data order and initialisation; the paper's four seeds are 44413, 55513, 66613, 77713 [N+ 1.B.9]"""
+    track: bool = False
+    """log metrics and sample tables to Weights & Biases as well as to metrics.jsonl"""
+    wandb_project_name: str = "tldr_summarize"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None means your default entity"""
+    output_dir: Optional[str] = None
+    """where the checkpoint, metrics.jsonl and tables go; default `runs/{run_name}`"""
+
+    # --- data
+    base_model: str = "EleutherAI/pythia-1b-deduped"
+    """model to fine-tune: a hub name or a local folder [N+ 1.B.1]"""
+    dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT data: a hub dataset or a local folder with one .jsonl/.json/.parquet file per split, columns
+    id, subreddit, title, post, summary [N+ 1.A.2]"""
+    query_length: int = 512
+    """query tokens after smart truncation and left padding [N+ 1.A.4]"""
+    response_length: int = 53
+    """reference response tokens (right-padded) and sampled tokens at evaluation [N+ 1.A.7, 1.B.10]"""
+    preprocess_only: bool = False
+    """tokenize, save the DatasetDict (save_to_disk) and the tokenizer into output_dir, and exit"""
+
+    # --- optimisation
+    learning_rate: float = 3e-6
+    """AdamW learning rate [N+ 1.B.6]"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (torch's default is 1e-8) [N+ 1.B.6]"""
+    weight_decay: float = 0.01
+    """AdamW weight decay; the reference uses torch's default 0.01 [N+ 1.B.6]"""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR schedule over the optimizer steps, no warm-up [N+ 1.B.7]"""
+    batch_size: int = 128
+    """global batch (sequences per optimizer step) = local_micro_batch_size x gradient accumulation x
+    processes; gradient accumulation is derived from it [N+ 1.B.8]"""
+    local_micro_batch_size: int = 1
+    """sequences per forward pass on each process (HF's per_device_train_batch_size) [N+ 1.B.8]"""
+    num_train_epochs: int = 1
+    """passes over the training split [N+ 1.B.8]"""
+    total_episodes: Optional[int] = None
+    """training sequences to use (default: the whole split x epochs); 0 skips training (evaluate the base model)"""
+
+    # --- evaluation
+    run_eval: bool = True
+    """evaluate on validation and test after training [N+ 1.B.13]"""
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    """splits to evaluate [N+ 1.B.13]"""
+    local_eval_batch_size: int = 4
+    """queries per generation batch on each process [N+ 1.B.13]"""
+    max_eval_samples: Optional[int] = None
+    """evaluate only the first N rows of each split (quick runs); None = all"""
+    eval_temperature: float = 0.01
+    """sampling temperature at evaluation, as OpenAI's sample.py [N+ 1.B.10, 1.F.6]"""
+
+
+@dataclass
+class Derived:
+    """Values computed from Args and the number of processes; never flags."""
+
+    world_size: int
+    gradient_accumulation_steps: int
+    total_episodes: int
+    num_updates: int
+
+
+def derive(args: Args, world_size: int, num_train_rows: int) -> Derived:
+    micro_per_step = args.local_micro_batch_size * world_size
+    if args.batch_size % micro_per_step:
+        raise ValueError(
+            f"--batch_size {args.batch_size} is not a multiple of local_micro_batch_size x processes = {micro_per_step}"
+        )
+    total = num_train_rows * args.num_train_epochs if args.total_episodes is None else args.total_episodes
+    return Derived(world_size, args.batch_size // micro_per_step, total, total // args.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: query formatting, smart truncation and padding [N+ 1.A]. Copied verbatim into reward_tldr.py and
+# ppo_tldr.py so the three stages build identical queries; a test checks the copies stay identical.
+# ---------------------------------------------------------------------------------------------------------
+
+QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"  # [N+ 1.A.3], no trailing space
+
+
+def load_tokenizer(path: str):
+    """The tokenizer with a pad token distinct from EOS [N+ 1.A.1].
+
+    If pad == EOS, masking padding would also mask the real EOS and the policy would never learn to stop.
+    When the tokenizer has no pad token or reuses EOS, a new `[PAD]` token is added; the model's embedding is
+    resized only if the vocabulary has no spare row for it (see `fit_embeddings`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token; TL;DR responses must end with one")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def format_query(subreddit: str, title: str, post: str) -> str:
+    return QUERY_FORMAT.format(subreddit=subreddit, title=title, post=post)
+
+
+def truncated_query_tokens(tokenizer, row: dict, query_length: int) -> list[int]:
+    """Token ids of the formatted query, shortening the post until it fits `query_length` [N+ 1.A.5].
+
+    Port of OpenAI's smart truncation: cut the post just before its last newline; with no newline left, drop
+    one character; re-encode and check again. A row whose query cannot fit is an error naming the row."""
+    post = row["post"]
+    while True:
+        ids = tokenizer.encode(format_query(row["subreddit"], row["title"], post), add_special_tokens=False)
+        if len(ids) <= query_length:
+            return ids
+        if not post:
+            raise ValueError(
+                f"row id={row.get('id')!r}: the query does not fit {query_length} tokens even with an empty post "
+                f"(subreddit and title alone are too long)"
+            )
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+
+
+def left_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Left-pad to exactly `length` [N+ 1.A.6]; queries are left-padded so generation continues from the end."""
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens do not fit {length}")
+    return [pad_id] * (length - len(ids)) + ids
+
+
+def right_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Right-pad to exactly `length` [N+ 1.A.7]."""
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens do not fit {length}")
+    return ids + [pad_id] * (length - len(ids))
+
+
+def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[int], bool]:
+    """Ids of `text` followed by EOS, cut to `response_length`; returns (ids, was_truncated).
+
+    EOS is appended as an id rather than as the string "<|endoftext|>" so it is the real special token for
+    any tokenizer. A cut response loses its EOS; callers count such rows and log them."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return ids[:response_length], len(ids) > response_length
+
+
+def load_splits(dataset: str, name: Optional[str] = None):
+    """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
+    (the file's stem is the split name)."""
+    import datasets
+
+    if not os.path.isdir(dataset):
+        return datasets.load_dataset(dataset, name)
+    files: dict[str, str] = {}
+    for fname in sorted(os.listdir(dataset)):
+        stem, ext = os.path.splitext(fname)
+        if ext in (".jsonl", ".json", ".parquet"):
+            if stem in files:
+                raise ValueError(f"{dataset}: two files for split {stem!r}")
+            files[stem] = os.path.join(dataset, fname)
+    if not files:
+        raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+    kinds = {os.path.splitext(f)[1] for f in files.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"{dataset}: mixed file types {sorted(kinds)}; use one format for all splits")
+    builder = "parquet" if kinds == {".parquet"} else "json"
+    return datasets.load_dataset(builder, data_files=files)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helper math [N+ 2]
+# ---------------------------------------------------------------------------------------------------------
+
+
+def first_true_indices(bools: torch.Tensor, dtype=torch.long) -> torch.Tensor:
+    """Per row, the index of the first True; the row length where there is none [N+ 2]."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Keep everything up to and including the first EOS; replace every later token with padding [N+ 1.B.12]."""
+    eos_idx = first_true_indices(responses == eos_token_id).unsqueeze(-1)
+    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)
+    return torch.masked_fill(responses, idxs > eos_idx, pad_token_id)
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Token-mean next-token cross-entropy over every non-pad token, query included [N+ 1.B.4, 2]."""
+    labels = input_ids.masked_fill(input_ids == pad_token_id, -1)  # (B, T)
+    # (B, T-1, V): position t predicts token t+1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them [N+ 1.D.23]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def trim_padding_columns(ids: torch.Tensor, pad_token_id: int, side: Literal["left", "right"]) -> torch.Tensor:
+    """Drop the leading (left) or trailing (right) columns that are padding in every row of the batch."""
+    real = (ids != pad_token_id).any(0)
+    if not real.any():
+        return ids[:, :1]
+    nz = real.nonzero().flatten()
+    return ids[:, nz[0] :] if side == "left" else ids[:, : nz[-1] + 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set p=0 in every dropout layer [N+ 1.B.2]: stochastic forwards would make PPO's ratio differ from 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def forward(model, ids: torch.Tensor, pad_token_id: int):
+    """A forward pass with the mask and positions derived from padding [N+ 1.B.5, 1.D.23].
+
+    The reference also replaces pad ids by 0 in `input_ids`; the pad id always has an embedding row here
+    (`fit_embeddings`), and keeping it lets HF's sequence-classification pooling find the padding."""
+    mask = ids != pad_token_id
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+
+
+def sampling_config(response_length: int, temperature: float):
+    """Generation settings for exactly `response_length` sampled tokens [N+ 1.B.10].
+
+    The reference sets min_new_tokens = max_new_tokens and clears eos/pad ids on the model. With transformers 5,
+    `generate` refills unset fields from `model.generation_config`, and an EOS id restored there plus a min
+    length makes EOS unsampleable; so the caller clears those ids on the model (`prepare_for_sampling`) and no
+    min length is set: with no EOS id, generation cannot stop early anyway."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=response_length,
+        temperature=temperature + 1e-7,  # [N+ 1.B.10] as the reference; avoids a zero temperature
+        top_k=0,
+        top_p=1.0,
+        do_sample=True,
+    )
+
+
+def prepare_for_sampling(model) -> None:
+    """Clear the ids that would stop or suppress generation (see `sampling_config`)."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    model.generation_config.bos_token_id = None
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, pad_token_id: int, generation_config) -> torch.Tensor:
+    """Sample responses for left-padded queries; returns (B, R) response ids [N+ 1.B.11].
+
+    HF generate derives positions from the attention mask, like our forward passes."""
+    out = model.generate(input_ids=queries, attention_mask=queries != pad_token_id, generation_config=generation_config)
+    return out[:, queries.shape[1] :]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging and provenance
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
+
+    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
+            )
+
+    def log(self, metrics: dict, samples: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"samples": samples, **metrics})
+
+    def table(self, name: str, df) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+
+def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
+    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
+        try:
+            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
+        except ImportError:
+            pass
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "git_sha": sha,
+            "python": platform.python_version(), "versions": versions}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data pipeline and evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tokenize_sft(dataset, tokenizer, args: Args):
+    """Add query_token, reference_response_token and query_reference_response_token to every split [N+ 1.A]."""
+    pad, Q, R = tokenizer.pad_token_id, args.query_length, args.response_length
+    required = ("id", "subreddit", "title", "post", "summary")
+    for split, ds in dataset.items():
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
+
+    def process(row):
+        query = truncated_query_tokens(tokenizer, row, Q)
+        response, cut = response_tokens(tokenizer, " " + row["summary"], R)  # [N+ 1.A.7] leading space + EOS
+        return {
+            "query_token": left_pad(query, Q, pad),
+            "query": tokenizer.decode(query, skip_special_tokens=True),
+            "reference_response": " " + row["summary"],
+            "reference_response_token": right_pad(response, R, pad),
+            "reference_response_token_len": len(response),
+            "reference_response_truncated": cut,
+            # [N+ 1.A.8] no left padding inside the training sequence
+            "query_reference_response_token": right_pad(query + response, Q + R, pad),
+            "query_reference_response_token_len": len(query) + len(response),
+        }
+
+    return dataset.map(process, load_from_cache_file=False, desc="tokenizing")
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
+    """Teacher-forced loss, T=0.01 samples truncated after EOS, and ROUGE [N+ 1.B.13]."""
+    from rouge_score import rouge_scorer
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    loader = torch.utils.data.DataLoader(
+        dataset.with_format("torch", columns=["query_token", "reference_response_token"]),
+        batch_size=args.local_eval_batch_size,
+    )
+    loader = accelerator.prepare_data_loader(loader)
+    unwrapped = accelerator.unwrap_model(model)
+    losses, responses, references, queries = [], [], [], []
+    for batch in loader:
+        query, reference = batch["query_token"], batch["reference_response_token"]
+        # (a) teacher-forced loss on cat(left-padded query, right-padded reference)
+        seq = torch.cat([query, reference], 1)
+        loss = sft_loss(forward(model, seq, pad).logits, seq, pad)
+        losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
+        # (b) sample, then pad everything after the first EOS [N+ 1.B.12]
+        response = truncate_response(generate(unwrapped, trim_padding_columns(query, pad, "left"), pad, gen_config), eos, pad)
+        decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+        responses += accelerator.gather_for_metrics(decode(response), use_gather_object=True)
+        references += accelerator.gather_for_metrics(decode(reference), use_gather_object=True)
+        queries += accelerator.gather_for_metrics(decode(query), use_gather_object=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, hyp) for ref, hyp in zip(references, responses)]
+    rouge = {k: float(np.mean([s[k].fmeasure for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
+    table = {"query": queries, "response": responses, "reference": references}
+    return float(torch.cat(losses).mean()), rouge, table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> None:
+    import pandas as pd
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    tokenizer = load_tokenizer(args.base_model)
+    dataset = load_splits(args.dataset)
+    if "train" not in dataset:
+        raise ValueError(f"{args.dataset} has no 'train' split (found {list(dataset)})")
+    missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
+    if missing:
+        raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
+    if args.max_eval_samples is not None:
+        for split in args.eval_splits:
+            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
+    if args.total_episodes is not None:  # tokenize only what is used
+        used = min(args.total_episodes, len(dataset["train"]))
+        dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
+
+    accelerator = Accelerator()
+    derived = derive(args, accelerator.num_processes, len(dataset["train"]))
+    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_run_info(args.output_dir, args, derived)
+
+    with accelerator.main_process_first():
+        dataset = tokenize_sft(dataset, tokenizer, args)
+    for split, ds in dataset.items():
+        cut = sum(ds["reference_response_truncated"])
+        if cut:
+            accelerator.print(f"warning: {cut}/{len(ds)} {split} summaries exceed {args.response_length} tokens and were truncated (EOS lost)")
+    if args.preprocess_only:
+        if accelerator.is_main_process:
+            dataset.save_to_disk(os.path.join(args.output_dir, "dataset"))
+            tokenizer.save_pretrained(args.output_dir)
+        accelerator.print(f"saved the tokenized dataset and tokenizer to {args.output_dir}")
+        return
+
+    # [N+ 1.B.9] each process gets its own seed for sampling; data order comes from the global seed below
+    local_seed = args.seed + accelerator.process_index * 100003
+    seed_everything(local_seed)
+    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
+    fit_embeddings(model, tokenizer)  # [N+ 1.A.1] resize only when the pad id has no row
+    disable_dropout(model)  # [N+ 1.B.2]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+    )  # [N+ 1.B.6]
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(derived.num_updates, 1))
+    train = dataset["train"].with_format("torch", columns=["query_reference_response_token"])
+    # [N+ 1.B.9] one shuffled order for all processes, drawn from the global seed
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=args.local_micro_batch_size, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
+    accelerator.print(
+        f"{derived.total_episodes} sequences, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
+        f"{derived.gradient_accumulation_steps} accumulation x {derived.world_size} processes -> {derived.num_updates} updates"
+    )
+
+    # ---- training [N+ 1.B.3-8]
+    pad = tokenizer.pad_token_id
+    model.train()
+    start, samples, window = time.time(), 0, []
+    micro_steps = derived.num_updates * derived.gradient_accumulation_steps
+    progress = tqdm(total=derived.num_updates, disable=not accelerator.is_local_main_process, desc="sft")
+    epoch, batches = 0, iter(loader)
+    for _ in range(micro_steps):
+        try:
+            batch = next(batches)
+        except StopIteration:  # next epoch (only when total_episodes exceeds one pass)
+            epoch += 1
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            batch = next(batches)
+        ids = trim_padding_columns(batch["query_reference_response_token"], pad, "right")
+        with accelerator.accumulate(model):
+            loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        window.append(loss.detach())
+        if accelerator.sync_gradients:
+            samples += args.batch_size
+            loss_mean = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
+            window = []
+            logger.log({"train/sft/loss": loss_mean, "train/sft/lr": scheduler.get_last_lr()[0]}, samples)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_mean:.3f}")
+    progress.close()
+    train_time = time.time() - start
+
+    # ---- evaluation [N+ 1.B.13]
+    unwrapped = accelerator.unwrap_model(model)
+    model.eval()
+    prepare_for_sampling(unwrapped)
+    gen_config = sampling_config(args.response_length, args.eval_temperature)
+    if args.run_eval:
+        for split in args.eval_splits:
+            loss, rouge, table = evaluate(model, tokenizer, dataset[split], args, accelerator, gen_config)
+            metrics = {f"{split}/sft/loss": loss, **{f"{split}/sft/rouge/{k}": v for k, v in rouge.items()}}
+            logger.log(metrics, samples)
+            accelerator.print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if accelerator.is_main_process:
+                df = pd.DataFrame(table)
+                df.to_csv(os.path.join(args.output_dir, f"{split}_table.csv"), index=False)
+                logger.table(f"eval/{split}_query_responses", df)
+    logger.log({"time/train_seconds": train_time, "time/peak_memory_gib": peak_memory_gib()}, samples)
+
+    # ---- save a standard Hugging Face folder [N+ 1.B.14]
+    accelerator.wait_for_everyone()
+    # the saved generation config stops at EOS (what users of the checkpoint expect) with our eval sampling
+    unwrapped.generation_config = sampling_config(args.response_length, args.eval_temperature)
+    unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
+    unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+    unwrapped.save_pretrained(
+        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+    accelerator.print(f"saved {args.output_dir} ({train_time:.0f}s training, peak memory {peak_memory_gib():.2f} GiB)")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
