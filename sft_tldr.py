@@ -476,7 +476,8 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> None:
+def main(args: Args):
+    """Run the stage; returns the trained model (None with --preprocess_only)."""
     import pandas as pd
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -496,7 +497,8 @@ def main(args: Args) -> None:
         used = min(args.total_episodes, len(dataset["train"]))
         dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
 
-    accelerator = Accelerator()
+    # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     derived = derive(args, accelerator.num_processes, len(dataset["train"]))
     accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -534,7 +536,9 @@ def main(args: Args) -> None:
         train, batch_size=args.local_micro_batch_size, shuffle=True, drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    # the scheduler is not prepared: accelerate would step it once per process, and num_updates already
+    # counts global batches; it is stepped once per optimizer step below [N+ 1.B.7]
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
     accelerator.print(
         f"{derived.total_episodes} sequences, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
@@ -561,14 +565,15 @@ def main(args: Args) -> None:
             loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
             accelerator.backward(loss)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
         window.append(loss.detach())
         if accelerator.sync_gradients:
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
             samples += args.batch_size
             loss_mean = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
             window = []
-            logger.log({"train/sft/loss": loss_mean, "train/sft/lr": scheduler.get_last_lr()[0]}, samples)
+            logger.log({"train/sft/loss": loss_mean, "train/sft/lr": lr}, samples)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_mean:.3f}")
     progress.close()
@@ -605,6 +610,7 @@ def main(args: Args) -> None:
         tokenizer.save_pretrained(args.output_dir)
     accelerator.print(f"saved {args.output_dir} ({train_time:.0f}s training, peak memory {peak_memory_gib():.2f} GiB)")
     accelerator.end_training()
+    return unwrapped
 
 
 if __name__ == "__main__":

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (CPU, tiny models, no network besides the package index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -r requirements.txt
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python -m pytest -q "$@"
