@@ -220,25 +220,23 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
 
 def load_splits(dataset: str, name: Optional[str] = None):
     """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
-    (the file's stem is the split name)."""
+    (the file's stem is the split name). Local splits load one at a time: a joint load would impose the first
+    file's column types on every split (a column that is null in train but text in validation fails)."""
     import datasets
 
     if not os.path.isdir(dataset):
         return datasets.load_dataset(dataset, name)
-    files: dict[str, str] = {}
+    splits = {}
     for fname in sorted(os.listdir(dataset)):
         stem, ext = os.path.splitext(fname)
         if ext in (".jsonl", ".json", ".parquet"):
-            if stem in files:
+            if stem in splits:
                 raise ValueError(f"{dataset}: two files for split {stem!r}")
-            files[stem] = os.path.join(dataset, fname)
-    if not files:
+            builder = "parquet" if ext == ".parquet" else "json"
+            splits[stem] = datasets.load_dataset(builder, data_files=os.path.join(dataset, fname), split="train")
+    if not splits:
         raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
-    kinds = {os.path.splitext(f)[1] for f in files.values()}
-    if len(kinds) > 1:
-        raise ValueError(f"{dataset}: mixed file types {sorted(kinds)}; use one format for all splits")
-    builder = "parquet" if kinds == {".parquet"} else "json"
-    return datasets.load_dataset(builder, data_files=files)
+    return datasets.DatasetDict(splits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -467,7 +465,8 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     scores = [scorer.score(ref, hyp) for ref, hyp in zip(references, responses)]
     rouge = {k: float(np.mean([s[k].fmeasure for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
-    table = {"query": queries, "response": responses, "reference": references}
+    # gather_for_metrics keeps dataset order (batches interleave by rank), so ids line up with the rows
+    table = {"id": dataset["id"][: len(queries)], "query": queries, "response": responses, "reference": references}
     return float(torch.cat(losses).mean()), rouge, table
 
 
@@ -480,6 +479,7 @@ def main(args: Args):
     """Run the stage; returns the trained model (None with --preprocess_only)."""
     import pandas as pd
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, get_scheduler
 
@@ -501,7 +501,7 @@ def main(args: Args):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     derived = derive(args, accelerator.num_processes, len(dataset["train"]))
     accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]  # one name for all ranks
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

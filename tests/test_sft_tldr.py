@@ -273,7 +273,7 @@ def test_two_processes_match_one_process(tiny_model, sft_data, tmp_path):
     common = ["--base_model", tiny_model, "--dataset", sft_data, "--query_length", "96", "--response_length", "16",
               "--batch_size", "2", "--total_episodes", "16", "--learning_rate", "1e-3", "--no-run-eval"]
     script = os.path.join(ROOT, "sft_tldr.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # gloo even where a GPU exists
     subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one")], check=True, env=env,
                    capture_output=True)
     subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -1,0 +1,979 @@
+"""Stage 2 of 3: reward model (RM) on TL;DR human preference comparisons.
+
+Reproduces the reward-model stage of "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+Summarization" (Huang et al., 2024, arXiv 2403.17031). Every implementation detail carries a tag such as
+`[N+ 1.C.2]` that points into the project's checklist of the reference code (sections 1.A data, 1.C RM, 2 helper
+math, 3 metric names); `grep -n "N+ 1.C" reward_tldr.py` maps the checklist to the code.
+
+What it does, top to bottom:
+  1. builds each comparison's query exactly as the SFT stage does (smart truncation to 512 tokens) and appends the
+     chosen and the rejected summary + EOS, at most 169 tokens [N+ 1.A.10-11]. Validation rows of the CNN/DM batches
+     become the split `validation_cnndm`, with the CNN/DM query format (1919 tokens) and 155 response tokens [N+ 1.A.12];
+  2. loads the SFT checkpoint as a one-label `AutoModelForSequenceClassification`, re-initialises the scalar head
+     N(0, 1/sqrt(hidden+1)) and turns dropout off [N+ 1.C.1-3];
+  3. trains on -logsigmoid(r_chosen - r_rejected) with the reward read at the EOS token, chosen and rejected in one
+     forward pass; AdamW 3e-6 / eps 1e-5, cosine schedule, batch 64, one epoch [N+ 1.C.4-8];
+  4. scores the SFT train split's reference summaries and stores their mean raw reward as `config.reward_bias`, so a
+     reference summary's normalised reward averages 0; checks that left padding changes no reward [N+ 1.C.11];
+  5. evaluates on validation and validation_cnndm, gathered over all processes: accuracy with a 95% Wilson interval,
+     broken down by split, batch, confidence and policy pair, a calibration table and plot, a CSV of rewards [N+ 1.C.10];
+  6. saves a standard Hugging Face folder: safetensors, config with `reward_bias`, tokenizer with its pad token
+     [N+ 1.C.13].
+
+Using the checkpoint elsewhere (`ppo_tldr.py` loads it as the reward model and as the value model's initialisation):
+    model = AutoModelForSequenceClassification.from_pretrained(path)    # one label; config.pad_token_id is set
+    bias = getattr(model.config, "reward_bias", 0.0)
+    # right-padded ids (the saved tokenizer's pad id after the EOS): HF pools the last non-pad token, the EOS
+    raw = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id).logits[:, 0]     # raw score, as here
+    reward = raw - bias                                                  # normalised: reference summaries average 0
+  Per-position scores, for left-padded sequences (PPO) or a tokenizer whose pad is EOS, as `ScalarModel` computes them:
+    h = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask,
+                                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    scores = model.score(h).squeeze(-1)                                  # (B, T); read at the last real token
+  Pass position_ids under left padding: without them a model with absolute positions (GPT-2) shifts every token.
+
+Deviations from the reference code (each deliberate):
+  * The head is HF's `score = nn.Linear(hidden, 1, bias=False)`, not a head with a zero-initialised bias. The pairwise
+    loss only sees r_chosen - r_rejected, so a bias gets exactly zero gradient and stays 0: the same model.
+  * Sequences are the token concatenation `query_token + response_token` (as sft_tldr.py, [N+ 1.A.8]) instead of
+    re-encoding `query.strip() + response`, and each batch is right-padded to its own longest sequence, not to 638.
+  * Positions come from the attention mask [N+ 1.D.23]. The reference passes none; under right padding both agree,
+    and under left padding (how PPO scores) ours gives the same reward as the unpadded sequence.
+  * Data order: one shuffle from the global seed, partitioned across processes (as SFT and PPO in the reference).
+    `--per_rank_shuffle` restores the reference RM's per-process shuffles, whose subsets overlap [N+ 1.C.9].
+  * Evaluation is gathered over all processes; the released reference runs scored rank 0's shard only [N+ 1.C.10].
+  * The bias is stored as `config.reward_bias` of a standard HF config (the reference: `config.bias` of a custom
+    `ScalarModel`). `eval/rm/normalized_*` are statistics after subtracting it (normalized_mean ~ 0); the reference
+    logs the raw statistics under those names, so its `normalized_mean` is our `eval/rm/reward_bias`. The reward diff
+    metrics are spelled `unexpected` (reference: `unexpecte`).
+  * Evaluation runs after normalisation, so the CSV's chosen/rejected rewards are normalised; margins and accuracy
+    do not depend on the bias.
+  * Malformed rows are an error naming the row; rows with an empty post/article or an empty summary are skipped,
+    counted and logged as `data/{split}/skipped/{reason}` (see `comparison_problem`).
+
+Launch:
+  python reward_tldr.py --sft_model_path runs/sft                 # paper defaults, one GPU (grad-accum keeps batch 64)
+  accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml reward_tldr.py --sft_model_path runs/sft \
+      --seed 44413                                              # 8 GPUs: micro 1 x accumulation 8 x 8 = 64
+  python reward_tldr.py --sft_model_path runs/sft_smoke --dataset data/tldr_synth/comparisons \
+      --sft_dataset data/tldr_synth/sft --total_episodes 64 --batch_size 16 --max_eval_samples 32 \
+      --normalization_samples 64 --output_dir runs/rm_smoke                      # tiny CPU run
+  python reward_tldr.py --sft_model_path runs/rm --total_episodes 0      # re-evaluate a reward checkpoint (reward_eval)
+
+Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training pairs seen):
+  train/rm/{loss,accuracy,chosen_rewards,rejected_rewards,lr}  per optimizer step: mean over the grad-accum window
+                                                               and all processes; lr: the LR that step used
+  eval/rm/{validation,validation_cnndm}/accuracy               fraction of pairs with r_chosen > r_rejected (strict)
+      .../accuracy/{split,batch,confidence,policies}/<value>   the same per OpenAI split, labelling batch, annotator
+                                                               confidence and sorted policy pair "a--b"
+      .../accuracy_ci95_{low,high}, .../num_pairs              95% Wilson interval and the number of pairs scored
+      .../calibration_error                                    pair-weighted mean |accuracy - sigmoid(bin mid)|
+  eval/rm/reward_bias                                          mean raw reward of the SFT train references
+  eval/rm/normalized_{mean,std,max,min}                        their normalised rewards (mean ~ 0 by construction)
+  eval/rm/normalized_unexpected_reward_diff_{mean,abs_max,gt_rtol_mean}
+                                                               unpadded minus left-padded reward: mean, max |.|,
+                                                               fraction with |.| > 1e-2 (all ~ 0 expected)
+  data/{split}/pairs, data/{split}/skipped/{reason}            rows used and rows skipped, at samples 0
+  time/{train,normalization,eval}_seconds, time/peak_memory_gib
+Files: {split}_rewards.csv (id, then the columns of [N+ 1.C.10]), {split}_calibration.{csv,png},
+normalization_rewards.csv, run_info.json, and the checkpoint.
+"""
+
+import functools
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # --- run and tracking
+    exp_name: str = "reward_tldr"
+    """name of this experiment; the run name is `{exp_name}__{seed}__{unix time}`"""
+    seed: int = 44413
+    """global seed: head initialisation and data order; the paper's four seeds are 44413, 55513, 66613, 77713"""
+    track: bool = False
+    """log metrics and tables to Weights & Biases as well as to metrics.jsonl"""
+    wandb_project_name: str = "tldr_summarize"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None means your default entity"""
+    output_dir: Optional[str] = None
+    """where the checkpoint, metrics.jsonl and tables go; default `runs/{run_name}`"""
+
+    # --- model and data
+    sft_model_path: str = tyro.MISSING
+    """the SFT checkpoint folder written by sft_tldr.py (backbone and tokenizer) [N+ 1.C.1]; a reward checkpoint of
+    this script also works and keeps its trained head (e.g. with --total_episodes 0 to re-evaluate it)"""
+    dataset: str = "openai/summarize_from_feedback"
+    """preference data (config "comparisons"): a hub dataset or a local folder with one .jsonl/.json/.parquet file
+    per split, columns info, summaries, choice, batch, split, extra [N+ 1.A.2]"""
+    sft_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """data whose train split's reference summaries set the reward bias: hub dataset or local folder as in
+    sft_tldr.py [N+ 1.C.11]"""
+    query_length: int = 512
+    """TL;DR query tokens after smart truncation, as the SFT stage [N+ 1.A.4]"""
+    response_length: int = 169
+    """chosen/rejected summary tokens including EOS; longer ones are cut and lose their EOS (counted) [N+ 1.A.11]"""
+    cnndm_query_length: int = 1919
+    """CNN/DM query tokens after smart truncation of the article (validation_cnndm) [N+ 1.A.12]"""
+    cnndm_response_length: int = 155
+    """CNN/DM summary tokens including EOS [N+ 1.A.12]"""
+    normalization_response_length: int = 53
+    """reference-summary tokens including EOS when setting the bias: the SFT and PPO response length
+    [N+ 1.A.7, 1.C.11]"""
+    normalization_samples: Optional[int] = None
+    """score this many SFT train rows (a seeded random subset) for the bias; None = all (116,722 on the hub);
+    0 = skip normalisation and keep the loaded checkpoint's reward_bias (0 for a new head) [N+ 1.C.11]"""
+
+    # --- optimisation
+    learning_rate: float = 3e-6
+    """AdamW learning rate [N+ 1.C.7]"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (torch's default is 1e-8) [N+ 1.C.7]"""
+    weight_decay: float = 0.01
+    """AdamW weight decay; the reference uses torch's default 0.01 [N+ 1.C.7]"""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR schedule over the optimizer steps, no warm-up [N+ 1.C.7]"""
+    batch_size: int = 64
+    """global batch (pairs per optimizer step) = local_micro_batch_size x gradient accumulation x processes;
+    gradient accumulation is derived from it [N+ 1.C.8]"""
+    local_micro_batch_size: int = 1
+    """pairs per forward pass on each process (the forward sees twice as many sequences) [N+ 1.C.8]"""
+    total_episodes: Optional[int] = None
+    """training pairs to use, at most one epoch (default: the whole train split, 92,858 on the hub); 0 skips
+    training: evaluate the loaded model, as the reference's reward_eval [N+ 1.C.8, 1.C.14]"""
+    per_rank_shuffle: bool = False
+    """reproduce the reference's data order [N+ 1.C.9]: each process shuffles the train split with its own seed
+    (seed + rank*100003) and takes every world_size-th batch of it, so processes see overlapping random subsets
+    (about 66% unique pairs on 8 GPUs). Off: one global shuffle partitioned across processes"""
+
+    # --- evaluation
+    run_eval: bool = True
+    """evaluate on validation and validation_cnndm (when present) after normalisation [N+ 1.C.10]"""
+    local_eval_batch_size: int = 4
+    """pairs per forward pass on each process in evaluation and normalisation"""
+    max_eval_samples: Optional[int] = None
+    """evaluate only the first N rows of each evaluation split (quick runs); None = all"""
+
+
+@dataclass
+class Derived:
+    """Values computed from Args, the data and the number of processes; never flags."""
+
+    world_size: int
+    gradient_accumulation_steps: int
+    total_episodes: int  # pairs actually trained on: num_updates x batch_size
+    num_updates: int
+
+
+def derive(args: Args, world_size: int, num_train_pairs: int) -> Derived:
+    """`num_train_pairs`: pairs available after the --total_episodes cap and the skipped rows."""
+    micro_per_step = args.local_micro_batch_size * world_size
+    if args.batch_size % micro_per_step:
+        raise ValueError(
+            f"--batch_size {args.batch_size} is not a multiple of local_micro_batch_size x processes = {micro_per_step}"
+        )
+    num_updates = num_train_pairs // args.batch_size
+    if num_train_pairs and not num_updates:
+        raise ValueError(f"{num_train_pairs} training pairs make no optimizer step at --batch_size {args.batch_size}")
+    return Derived(world_size, args.batch_size // micro_per_step, num_updates * args.batch_size, num_updates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: query formatting, smart truncation and padding [N+ 1.A]. Copied verbatim into reward_tldr.py and
+# ppo_tldr.py so the three stages build identical queries; a test checks the copies stay identical.
+# ---------------------------------------------------------------------------------------------------------
+
+QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"  # [N+ 1.A.3], no trailing space
+
+
+def load_tokenizer(path: str):
+    """The tokenizer with a pad token distinct from EOS [N+ 1.A.1].
+
+    If pad == EOS, masking padding would also mask the real EOS and the policy would never learn to stop.
+    When the tokenizer has no pad token or reuses EOS, a new `[PAD]` token is added; the model's embedding is
+    resized only if the vocabulary has no spare row for it (see `fit_embeddings`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token; TL;DR responses must end with one")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def format_query(subreddit: str, title: str, post: str) -> str:
+    return QUERY_FORMAT.format(subreddit=subreddit, title=title, post=post)
+
+
+def truncated_query_tokens(tokenizer, row: dict, query_length: int) -> list[int]:
+    """Token ids of the formatted query, shortening the post until it fits `query_length` [N+ 1.A.5].
+
+    Port of OpenAI's smart truncation: cut the post just before its last newline; with no newline left, drop
+    one character; re-encode and check again. A row whose query cannot fit is an error naming the row."""
+    post = row["post"]
+    while True:
+        ids = tokenizer.encode(format_query(row["subreddit"], row["title"], post), add_special_tokens=False)
+        if len(ids) <= query_length:
+            return ids
+        if not post:
+            raise ValueError(
+                f"row id={row.get('id')!r}: the query does not fit {query_length} tokens even with an empty post "
+                f"(subreddit and title alone are too long)"
+            )
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+
+
+def left_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Left-pad to exactly `length` [N+ 1.A.6]; queries are left-padded so generation continues from the end."""
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens do not fit {length}")
+    return [pad_id] * (length - len(ids)) + ids
+
+
+def right_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Right-pad to exactly `length` [N+ 1.A.7]."""
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens do not fit {length}")
+    return ids + [pad_id] * (length - len(ids))
+
+
+def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[int], bool]:
+    """Ids of `text` followed by EOS, cut to `response_length`; returns (ids, was_truncated).
+
+    EOS is appended as an id rather than as the string "<|endoftext|>" so it is the real special token for
+    any tokenizer. A cut response loses its EOS; callers count such rows and log them."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return ids[:response_length], len(ids) > response_length
+
+
+def load_splits(dataset: str, name: Optional[str] = None):
+    """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
+    (the file's stem is the split name). Local splits load one at a time: a joint load would impose the first
+    file's column types on every split (a column that is null in train but text in validation fails)."""
+    import datasets
+
+    if not os.path.isdir(dataset):
+        return datasets.load_dataset(dataset, name)
+    splits = {}
+    for fname in sorted(os.listdir(dataset)):
+        stem, ext = os.path.splitext(fname)
+        if ext in (".jsonl", ".json", ".parquet"):
+            if stem in splits:
+                raise ValueError(f"{dataset}: two files for split {stem!r}")
+            builder = "parquet" if ext == ".parquet" else "json"
+            splits[stem] = datasets.load_dataset(builder, data_files=os.path.join(dataset, fname), split="train")
+    if not splits:
+        raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+    return datasets.DatasetDict(splits)
+
+
+# The RM's own data: comparisons [N+ 1.A.10-12] and the SFT references for the bias [N+ 1.C.11]
+
+CNNDM_BATCHES = ("batch0_cnndm", "cnndm0", "cnndm2")  # [N+ 1.A.12] their validation rows form validation_cnndm
+CNNDM_FORMAT = "Article:\n{article}\n\nTL;DR:\n"  # [N+ 1.A.12]
+COMPARISON_COLUMNS = ("info", "summaries", "choice", "batch", "split")
+PAIR_COLUMNS = ["query_token", "chosen_token", "rejected_token", "index"]
+# [N+ 1.C.10] the reference's columns, after `id` (info.id) for joining with the data
+CSV_COLUMNS = ["id", "query", "chosen", "rejected", "batch", "split", "confidence", "choice", "policies",
+               "chosen_policy", "rejected_policy", "accuracy", "chosen_rewards", "rejected_rewards"]
+
+
+def truncated_article_tokens(tokenizer, article: str, query_length: int, row_name: str) -> list[int]:
+    """CNN/DM query ids, shortening the article the way `truncated_query_tokens` shortens a post [N+ 1.A.5, 1.A.12]."""
+    while True:
+        ids = tokenizer.encode(CNNDM_FORMAT.format(article=article), add_special_tokens=False)
+        if len(ids) <= query_length:
+            return ids
+        if not article:
+            raise ValueError(f"{row_name}: the CNN/DM query does not fit {query_length} tokens even with an empty "
+                             f"article")
+        cut = article.rfind("\n")
+        article = article[:cut] if cut >= 0 else article[:-1]
+
+
+def split_cnndm(dataset):
+    """Move the validation rows of the CNN/DM batches into their own split `validation_cnndm` [N+ 1.A.12]."""
+    import datasets
+
+    if "validation" not in dataset:
+        return dataset
+    val = dataset["validation"]
+    is_cnndm = [b in CNNDM_BATCHES for b in val["batch"]]
+    if any(is_cnndm):
+        cnndm = val.select([i for i, c in enumerate(is_cnndm) if c])
+        if "validation_cnndm" in dataset:
+            cnndm = datasets.concatenate_datasets([dataset["validation_cnndm"], cnndm])
+        dataset["validation_cnndm"] = cnndm
+        dataset["validation"] = val.select([i for i, c in enumerate(is_cnndm) if not c])
+    return dataset
+
+
+def comparison_problem(info, summaries, choice, cnndm: bool, name: str) -> Optional[str]:
+    """Why a comparison row is skipped (None: keep it); a ValueError naming the row when it is malformed.
+
+    Malformed, an error (the data is not in the hub schema and guessing would train on wrong labels): no `info`;
+    `summaries` not exactly two entries with a string `text` and `policy`; `choice` not 0 or 1; a TL;DR row whose
+    subreddit, title or post is not a string (e.g. a CNN/DM article row outside the CNN/DM batches); a CNN/DM row
+    without a string article. Skipped, counted and logged (well-formed but nothing to compare): an empty post or
+    article ("empty_post", "empty_article") and a summary with no text ("empty_summary"), whose response would be a
+    bare EOS."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{name}: no `info` (expected id, subreddit, title, post, article, site)")
+    if not (isinstance(summaries, list) and len(summaries) == 2 and all(
+            isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("policy"), str)
+            for s in summaries)):
+        raise ValueError(f"{name}: `summaries` must be two entries with a string `text` and `policy`, "
+                         f"got {summaries!r:.300}")
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise ValueError(f"{name}: `choice` must be 0 or 1, got {choice!r}")
+    if cnndm:
+        if not isinstance(info.get("article"), str):
+            raise ValueError(f"{name}: a CNN/DM row (batch in {CNNDM_BATCHES}) needs a string info.article")
+        if not info["article"].strip():
+            return "empty_article"
+    else:
+        bad = {k: info.get(k) for k in ("subreddit", "title", "post") if not isinstance(info.get(k), str)}
+        if bad:
+            raise ValueError(f"{name}: info fields {bad} must be strings (rows with an article instead of a post must "
+                             f"come from a CNN/DM batch {CNNDM_BATCHES})")
+        if not info["post"].strip():
+            return "empty_post"
+    if any(not s["text"].strip() for s in summaries):
+        return "empty_summary"
+    return None
+
+
+def tokenize_comparisons(dataset, tokenizer, args: Args):
+    """Token columns and CSV metadata for every split, skipped rows dropped [N+ 1.A.10-12].
+
+    Returns (dataset, skipped): skipped[split] counts the dropped rows by reason. Token columns are unpadded lists:
+    `query_token` (the smart-truncated query), `chosen_token` and `rejected_token` (summary + EOS)."""
+    import datasets
+
+    for split, ds in dataset.items():
+        missing = [c for c in COMPARISON_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(COMPARISON_COLUMNS)} (+ extra)")
+    ids, text = datasets.List(datasets.Value("int32")), datasets.Value("string")
+    features = datasets.Features({
+        "skip": text, "id": text, "query_token": ids, "chosen_token": ids, "rejected_token": ids,
+        "response_truncated": datasets.Value("bool"), "query": text, "chosen": text, "rejected": text, "batch": text,
+        "split": text, "confidence": datasets.Value("int64"), "choice": datasets.Value("int64"), "policies": text,
+        "chosen_policy": text, "rejected_policy": text,
+    })
+    skipped_row = {"id": "", "query_token": [], "chosen_token": [], "rejected_token": [], "response_truncated": False,
+                   "query": "", "chosen": "", "rejected": "", "batch": "", "split": "", "confidence": None, "choice": 0,
+                   "policies": "", "chosen_policy": "", "rejected_policy": ""}
+
+    def process(row, i, split_name):
+        info, summaries = row["info"], row["summaries"]
+        if isinstance(summaries, dict):  # a `Sequence` of structs arrives as a dict of lists
+            summaries = [dict(zip(summaries, values)) for values in zip(*summaries.values())]
+        name = f"split {split_name!r} row {i} (info.id={info.get('id') if isinstance(info, dict) else None!r})"
+        cnndm = row["batch"] in CNNDM_BATCHES
+        skip = comparison_problem(info, summaries, row["choice"], cnndm, name)
+        if skip:
+            return {**skipped_row, "skip": skip}
+        if cnndm:
+            query = truncated_article_tokens(tokenizer, info["article"], args.cnndm_query_length, name)
+            length = args.cnndm_response_length
+        else:
+            query = truncated_query_tokens(tokenizer, info, args.query_length)  # [N+ 1.A.3-5] as the SFT stage
+            length = args.response_length
+        chosen, rejected = summaries[row["choice"]], summaries[1 - row["choice"]]
+        # [N+ 1.A.10] the texts already start with a space; EOS is appended as an id
+        chosen_token, chosen_cut = response_tokens(tokenizer, chosen["text"], length)
+        rejected_token, rejected_cut = response_tokens(tokenizer, rejected["text"], length)
+        return {
+            "skip": "", "id": str(info.get("id")), "query_token": query, "chosen_token": chosen_token,
+            "rejected_token": rejected_token,
+            "response_truncated": chosen_cut or rejected_cut, "query": tokenizer.decode(query, skip_special_tokens=True),
+            "chosen": chosen["text"], "rejected": rejected["text"], "batch": row["batch"], "split": row["split"],
+            "confidence": (row.get("extra") or {}).get("confidence"), "choice": row["choice"],
+            "policies": "--".join(sorted([chosen["policy"], rejected["policy"]])),  # [N+ 1.A.10]
+            "chosen_policy": chosen["policy"], "rejected_policy": rejected["policy"],
+        }
+
+    out, skipped = {}, {}
+    for split, ds in dataset.items():
+        if len(ds):
+            ds = ds.map(process, with_indices=True, fn_kwargs={"split_name": split}, remove_columns=ds.column_names,
+                        features=features, keep_in_memory=True, load_from_cache_file=False, desc=f"tokenizing {split}")
+        else:  # `map` skips an empty split (no training with --total_episodes 0), which would keep the old columns
+            ds = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+        skipped[split] = Counter(reason for reason in ds["skip"] if reason)
+        ds = ds.filter(lambda reason: not reason, input_columns="skip", keep_in_memory=True).remove_columns("skip")
+        out[split] = ds.add_column("index", list(range(len(ds))))
+    return datasets.DatasetDict(out), skipped
+
+
+def tokenize_references(dataset, tokenizer, args: Args):
+    """SFT rows -> the query and the reference response " summary<EOS>" exactly as sft_tldr.py builds them
+    [N+ 1.A.4-7]; these set the reward bias [N+ 1.C.11]."""
+    required = ("id", "subreddit", "title", "post", "summary")
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{args.sft_dataset} train split lacks columns {missing}; expected {list(required)}")
+
+    def process(row):
+        query = truncated_query_tokens(tokenizer, row, args.query_length)
+        reference, cut = response_tokens(tokenizer, " " + row["summary"], args.normalization_response_length)
+        return {"query_token": query, "reference_token": reference, "reference_truncated": cut}
+
+    ds = dataset.map(process, remove_columns=[c for c in dataset.column_names if c != "id"], keep_in_memory=True,
+                     load_from_cache_file=False, desc="tokenizing SFT references")
+    return ds.add_column("index", list(range(len(ds))))
+
+
+def collate_pairs(rows: list[dict], pad_token_id: int) -> dict:
+    """A micro-batch of B pairs as 2B right-padded sequences cat(query, chosen) then cat(query, rejected), so
+    chosen and rejected go through one forward pass [N+ 1.C.4]. The mask comes from the token lengths, never from
+    `ids == pad` (which would also hide an EOS equal to the pad id)."""
+    seqs = [r["query_token"] + r["chosen_token"] for r in rows] + [r["query_token"] + r["rejected_token"] for r in rows]
+    T = max(len(s) for s in seqs)
+    lengths = torch.tensor([len(s) for s in seqs])  # (2B,)
+    return {
+        "input_ids": torch.tensor([right_pad(s, T, pad_token_id) for s in seqs]),  # (2B, T)
+        "attention_mask": torch.arange(T)[None, :] < lengths[:, None],  # (2B, T)
+        "index": torch.tensor([r["index"] for r in rows]),  # (B,) row of the dataset, for gathering
+    }
+
+
+def collate_references(rows: list[dict], pad_token_id: int, query_length: int) -> dict:
+    """Each SFT reference in two layouts [N+ 1.C.11]: right-padded cat(query, reference), whose reward sets the bias,
+    and cat(left-padded query, right-padded reference), the layout PPO scores. Their rewards must agree."""
+    q_len = torch.tensor([len(r["query_token"]) for r in rows])  # (B,)
+    r_len = torch.tensor([len(r["reference_token"]) for r in rows])  # (B,)
+    seqs = [r["query_token"] + r["reference_token"] for r in rows]
+    T, R = max(len(s) for s in seqs), int(r_len.max())
+    # (B, Q'): queries left-padded to query_length, then the all-pad leading columns dropped (queries start with
+    # "SUBREDDIT", never with the pad id, so Q' is the longest query)
+    queries = trim_padding_columns(torch.tensor([left_pad(r["query_token"], query_length, pad_token_id) for r in rows]),
+                                   pad_token_id, "left")
+    references = torch.tensor([right_pad(r["reference_token"], R, pad_token_id) for r in rows])  # (B, R)
+    Q = queries.shape[1]
+    return {
+        "input_ids": torch.tensor([right_pad(s, T, pad_token_id) for s in seqs]),  # (B, T)
+        "attention_mask": torch.arange(T)[None, :] < (q_len + r_len)[:, None],  # (B, T)
+        "padded_input_ids": torch.cat([queries, references], 1),  # (B, Q' + R)
+        "padded_attention_mask": torch.cat([torch.arange(Q)[None, :] >= (Q - q_len)[:, None],
+                                            torch.arange(R)[None, :] < r_len[:, None]], 1),  # (B, Q' + R)
+        "index": torch.tensor([r["index"] for r in rows]),  # (B,)
+    }
+
+
+def training_rows(train, args: Args, process_index: int, num_pairs: int):
+    """The raw train rows this process may iterate over, and whether its DataLoader shuffles them [N+ 1.C.9]."""
+    if args.per_rank_shuffle:
+        # the reference: every process shuffles with its own seed and keeps the first num_pairs rows; the DataLoader
+        # does not shuffle, and accelerate hands process r every world_size-th batch of its own permutation
+        return train.shuffle(seed=args.seed + process_index * 100003).select(range(num_pairs)), False
+    # one permutation from the global seed (the DataLoader's), partitioned across processes by accelerate
+    return (train.shuffle(seed=args.seed).select(range(num_pairs)) if num_pairs < len(train) else train), True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helper math [N+ 2]
+# ---------------------------------------------------------------------------------------------------------
+
+
+def first_true_indices(bools: torch.Tensor, dtype=torch.long) -> torch.Tensor:
+    """Per row, the index of the first True; the row length where there is none [N+ 2]."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them [N+ 1.D.23]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def trim_padding_columns(ids: torch.Tensor, pad_token_id: int, side: Literal["left", "right"]) -> torch.Tensor:
+    """Drop the leading (left) or trailing (right) columns that are padding in every row of the batch."""
+    real = (ids != pad_token_id).any(0)
+    if not real.any():
+        return ids[:, :1]
+    nz = real.nonzero().flatten()
+    return ids[:, nz[0] :] if side == "left" else ids[:, : nz[-1] + 1]
+
+
+def last_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last True; -1 where there is none."""
+    return bools.size(-1) - 1 - first_true_indices(bools.flip(-1))
+
+
+def reward_at_eos(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-position scores -> (B,) the score at each row's last real token, the appended EOS [N+ 1.C.5].
+
+    The index comes from the attention mask, which the callers build from the known token lengths, so it is right
+    under left padding, right padding and a tokenizer whose pad id is EOS. The reference's
+    `first_true_indices(ids == pad) - 1` assumes right padding and pad != EOS. Every row needs a real token."""
+    return scores[torch.arange(scores.size(0), device=scores.device), last_true_indices(attention_mask.bool())]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion; (nan, nan) when n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def calibration_table(margins: np.ndarray, correct: np.ndarray, bin_width: float = 0.5):
+    """Accuracy per |r_chosen - r_rejected| bin against sigmoid(bin mid), the accuracy of a calibrated Bradley-Terry
+    model; a pair is correct when the RM prefers the human's choice, so accuracy and sigmoid(|margin|) compare."""
+    import pandas as pd
+
+    df = pd.DataFrame({"bin": np.floor(np.abs(margins) / bin_width).astype(int), "correct": correct.astype(float)})
+    g = df.groupby("bin")["correct"].agg(["mean", "size"]).reset_index()
+    mid = (g["bin"] + 0.5) * bin_width
+    return pd.DataFrame({"margin_low": g["bin"] * bin_width, "margin_high": (g["bin"] + 1) * bin_width,
+                         "margin_mid": mid, "pairs": g["size"], "accuracy": g["mean"],
+                         "predicted": 1 / (1 + np.exp(-mid))})
+
+
+def plot_calibration(table, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = np.linspace(0, max(float(table["margin_high"].max()), 1.0), 200)
+    ax.plot(xs, 1 / (1 + np.exp(-xs)), "--", color="gray", label="calibrated: sigmoid(|margin|)")
+    ax.plot(table["margin_mid"], table["accuracy"], "o-", label="reward model (labels: pairs per bin)")
+    for x, y, n in zip(table["margin_mid"], table["accuracy"], table["pairs"]):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xlabel="|r_chosen - r_rejected| (bin mid, width 0.5)", ylabel="accuracy", ylim=(-0.05, 1.1), title=title)
+    ax.grid(ls="--", alpha=0.5)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set p=0 in every dropout layer [N+ 1.B.2]: stochastic forwards would make PPO's ratio differ from 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+class ScalarModel(torch.nn.Module):
+    """Per-position raw rewards (B, T) of a one-label `AutoModelForSequenceClassification` [N+ 1.C.1].
+
+    It holds the HF model as `.model` so that `accelerator.prepare` (DDP, DeepSpeed) wraps a module whose forward is
+    the one we call. Pad ids stay in `input_ids` (the embedding has a row for the pad token) and positions come from
+    the mask, so left padding does not shift them [N+ 1.D.23]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids).last_hidden_state  # (B, T, H) after the final norm
+        return self.model.score(hidden).squeeze(-1)  # (B, T)
+
+
+def load_reward_model(path: str, tokenizer):
+    """A one-label sequence-classification model from the SFT checkpoint, or a reward checkpoint of this script.
+
+    Seed the RNG first: a new head is drawn from it."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, output_loading_info=True
+    )  # [N+ 1.C.1] backbone from the SFT model; its LM head is dropped
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer at {path} has {len(tokenizer)} tokens (with its pad token) but the model's embedding has "
+            f"{rows} rows; expected the SFT checkpoint written by sft_tldr.py, whose embedding fits its tokenizer"
+        )
+    fit_embeddings(model, tokenizer)  # no resize (checked above); config.pad_token_id for HF's own pooling
+    # [N+ 1.C.2] weight ~ N(0, 1/sqrt(hidden+1)) as lm-human-preferences; the reference also has a zero bias. HF's
+    # `score` is nn.Linear(hidden, 1, bias=False) for Llama, GPT-NeoX and GPT-2: a bias cancels in
+    # -logsigmoid(r_chosen - r_rejected) (its gradient is exactly 0), so the reference's bias stays 0 through
+    # training and the bias-free head is numerically the same model.
+    if any(k.startswith("score.") for k in info["missing_keys"]):  # a new head; a reward checkpoint keeps its own
+        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
+        if model.score.bias is not None:
+            torch.nn.init.zeros_(model.score.bias)
+    disable_dropout(model)  # [N+ 1.C.3]
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging and provenance
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
+
+    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
+            )
+
+    def log(self, metrics: dict, samples: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"samples": samples, **metrics})
+
+    def table(self, name: str, df) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+
+def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
+    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
+        try:
+            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
+        except ImportError:
+            pass
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "git_sha": sha,
+            "python": platform.python_version(), "versions": versions}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring and evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gathered_in_order(parts: list[tuple], size: int, what: str) -> list[np.ndarray]:
+    """Concatenate gathered (index, value, ...) batches and sort them by index; every row exactly once."""
+    index, *values = (torch.cat(c).cpu() for c in zip(*parts))
+    order = np.argsort(index.numpy(), kind="stable")
+    if not np.array_equal(index.numpy()[order], np.arange(size)):
+        raise RuntimeError(f"{what}: gathered {len(order)} rows, expected each of {size} exactly once")
+    return [v.float().numpy()[order] for v in values]  # float: bf16 (DeepSpeed) has no numpy type
+
+
+@torch.no_grad()
+def score_pairs(model, dataset, args: Args, accelerator, pad_token_id: int, desc: str):
+    """Raw rewards at EOS of every pair, gathered over all processes: (chosen, rejected), each (N,) in row order."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(
+        dataset.select_columns(PAIR_COLUMNS), batch_size=args.local_eval_batch_size,
+        collate_fn=functools.partial(collate_pairs, pad_token_id=pad_token_id),
+    )
+    parts = []
+    loader = accelerator.prepare_data_loader(loader)
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+        mask = batch["attention_mask"]
+        chosen, rejected = reward_at_eos(model(batch["input_ids"], mask), mask).chunk(2)  # (B,), (B,)
+        parts.append(accelerator.gather_for_metrics((batch["index"], chosen, rejected)))
+    return gathered_in_order(parts, len(dataset), desc)
+
+
+@torch.no_grad()
+def score_references(model, dataset, args: Args, accelerator, pad_token_id: int):
+    """Raw rewards of the SFT references, unpadded and in PPO's padded layout, gathered: two (N,) arrays [N+ 1.C.11]."""
+    from tqdm.auto import tqdm
+
+    loader = torch.utils.data.DataLoader(
+        dataset.select_columns(["query_token", "reference_token", "index"]), batch_size=args.local_eval_batch_size,
+        collate_fn=functools.partial(collate_references, pad_token_id=pad_token_id, query_length=args.query_length),
+    )
+    parts = []
+    loader = accelerator.prepare_data_loader(loader)
+    for batch in tqdm(loader, desc="normalization", disable=not accelerator.is_local_main_process):
+        mask, padded_mask = batch["attention_mask"], batch["padded_attention_mask"]
+        raw = reward_at_eos(model(batch["input_ids"], mask), mask)  # (B,)
+        padded = reward_at_eos(model(batch["padded_input_ids"], padded_mask), padded_mask)  # (B,)
+        parts.append(accelerator.gather_for_metrics((batch["index"], raw, padded)))
+    return gathered_in_order(parts, len(dataset), "normalization")
+
+
+def accuracy_metrics(df, split: str) -> dict:
+    """Accuracy, its 95% interval and the breakdowns of [N+ 1.C.10, 3] from a table of scored pairs."""
+    correct = int(df["accuracy"].sum())
+    low, high = wilson_interval(correct, len(df))
+    metrics = {f"eval/rm/{split}/accuracy": correct / max(len(df), 1), f"eval/rm/{split}/accuracy_ci95_low": low,
+               f"eval/rm/{split}/accuracy_ci95_high": high, f"eval/rm/{split}/num_pairs": len(df)}
+    for column in ("split", "batch", "confidence", "policies"):
+        for value, accuracy in df.groupby(column)["accuracy"].mean().items():
+            metrics[f"eval/rm/{split}/accuracy/{column}/{value}"] = float(accuracy)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    """Run the stage; returns the Hugging Face reward model (with `config.reward_bias` set)."""
+    import datasets
+    import pandas as pd
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tokenizer = load_tokenizer(args.sft_model_path)  # the SFT checkpoint's tokenizer with its [PAD] [N+ 1.A.1]
+    pad = tokenizer.pad_token_id
+    with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
+        dataset = split_cnndm(load_splits(args.dataset, "comparisons"))  # [N+ 1.A.2, 1.A.12]
+    if "train" not in dataset:
+        raise ValueError(f"{args.dataset} has no 'train' split (found {list(dataset)})")
+    if args.run_eval and "validation" not in dataset:
+        raise ValueError(f"{args.dataset} has no 'validation' split to evaluate on (found {list(dataset)})")
+    eval_splits = [s for s in ("validation", "validation_cnndm") if args.run_eval and s in dataset]
+    for split in eval_splits:
+        if args.max_eval_samples is not None:
+            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
+    if args.total_episodes is not None and args.total_episodes > len(dataset["train"]):
+        raise ValueError(f"--total_episodes {args.total_episodes} exceeds the {len(dataset['train'])} training pairs "
+                         f"(the RM trains one epoch [N+ 1.C.8])")
+    num_pairs = len(dataset["train"]) if args.total_episodes is None else args.total_episodes
+    train, shuffle = training_rows(dataset["train"], args, accelerator.process_index, num_pairs)
+    dataset, skipped = tokenize_comparisons(
+        datasets.DatasetDict({"train": train, **{s: dataset[s] for s in eval_splits}}), tokenizer, args)  # what is used
+    eval_splits = [s for s in eval_splits if len(dataset[s])]
+
+    # skipped rows are not replaced: every process trains on as many pairs as the one with the fewest
+    num_train = int(accelerator.gather(torch.tensor([len(dataset["train"])], device=accelerator.device)).min())
+    derived = derive(args, accelerator.num_processes, num_train)
+    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
+    run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]  # one name for all ranks
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_run_info(args.output_dir, args, derived)
+    logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
+    data_metrics = {}
+    for split, ds in dataset.items():
+        data_metrics[f"data/{split}/pairs"] = len(ds)
+        for reason, n in sorted(skipped[split].items()):
+            data_metrics[f"data/{split}/skipped/{reason}"] = n
+            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see comparison_problem)")
+        cut = sum(ds["response_truncated"])
+        if cut:
+            accelerator.print(f"warning: {cut}/{len(ds)} {split} pairs have a summary cut to the response length "
+                              f"(EOS lost)")
+    logger.log(data_metrics, 0)
+
+    seed_everything(args.seed)  # the head and the data order come from the global seed; nothing here samples
+    model = ScalarModel(load_reward_model(args.sft_model_path, tokenizer))
+    accelerator.print(
+        f"{derived.total_episodes} training pairs, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
+        f"{derived.gradient_accumulation_steps} accumulation x {derived.world_size} processes -> {derived.num_updates} "
+        f"updates; evaluating {', '.join(f'{s} ({len(dataset[s])})' for s in eval_splits) or 'nothing'}"
+    )
+
+    # ---- training [N+ 1.C.4-8]
+    samples, train_time = 0, 0.0
+    if derived.num_updates:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+        )  # [N+ 1.C.7]
+        # not passed to `prepare`: accelerate would step it once per process per optimizer step
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0,
+                                  num_training_steps=derived.num_updates)
+        loader = torch.utils.data.DataLoader(
+            dataset["train"].select_columns(PAIR_COLUMNS), batch_size=args.local_micro_batch_size, shuffle=shuffle,
+            drop_last=True, collate_fn=functools.partial(collate_pairs, pad_token_id=pad),
+            generator=torch.Generator().manual_seed(args.seed),  # [N+ 1.C.9] the same permutation on every process
+        )
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        model.train()
+        start, window, accuracies = time.time(), [], []
+        progress = tqdm(total=derived.num_updates, disable=not accelerator.is_local_main_process, desc="reward model")
+        batches = iter(loader)
+        for _ in range(derived.num_updates * derived.gradient_accumulation_steps):
+            batch = next(batches)
+            mask = batch["attention_mask"]
+            with accelerator.accumulate(model):
+                # [N+ 1.C.4-5] chosen rows then rejected rows in one forward pass, read at the EOS token
+                chosen, rejected = reward_at_eos(model(batch["input_ids"], mask), mask).chunk(2)  # (B,), (B,)
+                loss = -F.logsigmoid(chosen - rejected).mean()  # [N+ 1.C.6]
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            accuracy = (chosen > rejected).float().mean()
+            window.append(torch.stack([loss, accuracy, chosen.mean(), rejected.mean()]).detach())
+            if accelerator.sync_gradients:
+                lr = scheduler.get_last_lr()[0]  # the LR this update used
+                scheduler.step()  # [N+ 1.C.7] once per optimizer step
+                samples += args.batch_size
+                # (4,): the window's mean on every process, then over processes [N+ 1.C.12]
+                stats = accelerator.gather(torch.stack(window).mean(0, keepdim=True)).mean(0).tolist()
+                window = []
+                accuracies.append(stats[1])
+                logger.log({"train/rm/loss": stats[0], "train/rm/accuracy": stats[1],
+                            "train/rm/chosen_rewards": stats[2], "train/rm/rejected_rewards": stats[3],
+                            "train/rm/lr": lr}, samples)
+                progress.update(1)
+                progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.3f}", acc_avg=f"{np.mean(accuracies):.3f}")
+        progress.close()
+        train_time = time.time() - start
+        accelerator.print(f"trained {samples} pairs in {train_time:.0f}s, mean train accuracy {np.mean(accuracies):.4f}")
+    else:  # evaluation only: forward passes need no DDP/DeepSpeed wrapper
+        model = model.to(accelerator.device)
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model).model  # the Hugging Face model
+
+    # ---- normalisation: reference summaries of the SFT train split average 0 [N+ 1.C.11]
+    start, bias = time.time(), float(getattr(unwrapped.config, "reward_bias", 0.0))
+    if args.normalization_samples != 0:
+        with accelerator.main_process_first():
+            references = load_splits(args.sft_dataset)
+        if "train" not in references:
+            raise ValueError(f"{args.sft_dataset} has no 'train' split (found {list(references)})")
+        references = references["train"]
+        if args.normalization_samples is not None and args.normalization_samples < len(references):
+            references = references.shuffle(seed=args.seed).select(range(args.normalization_samples))
+        if not len(references):
+            raise ValueError(f"{args.sft_dataset}: no train rows to set the reward bias "
+                             f"(--normalization_samples 0 skips normalisation)")
+        references = tokenize_references(references, tokenizer, args)
+        cut = sum(references["reference_truncated"])
+        if cut:
+            accelerator.print(f"warning: {cut}/{len(references)} references exceed {args.normalization_response_length} "
+                              f"tokens and were cut (EOS lost), as in the SFT and PPO stages")
+        raw, padded = score_references(model, references, args, accelerator, pad)
+        bias = float(raw.mean())
+        normalized, diff = raw - bias, raw - padded  # diff: unpadded minus PPO's left-padded layout
+        metrics = {
+            "eval/rm/reward_bias": bias, "eval/rm/normalized_mean": float(normalized.mean()),
+            "eval/rm/normalized_std": float(normalized.std(ddof=1)) if len(raw) > 1 else 0.0,
+            "eval/rm/normalized_max": float(normalized.max()), "eval/rm/normalized_min": float(normalized.min()),
+            "eval/rm/normalized_unexpected_reward_diff_mean": float(diff.mean()),
+            "eval/rm/normalized_unexpected_reward_diff_abs_max": float(np.abs(diff).max()),
+            # the reference's threshold, named rtol but applied to |diff|
+            "eval/rm/normalized_unexpected_reward_diff_gt_rtol_mean": float((np.abs(diff) > 1e-2).mean()),
+        }
+        logger.log(metrics, samples)
+        accelerator.print("normalization: " + ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
+        if accelerator.is_main_process:
+            df = pd.DataFrame({"id": references["id"], "reward": normalized, "raw_reward": raw,
+                               "padded_raw_reward": padded})
+            df.to_csv(os.path.join(args.output_dir, "normalization_rewards.csv"), index=False)
+            logger.table("samples/normalized", df)
+    unwrapped.config.reward_bias = bias  # normalised reward = raw - reward_bias, for every loader of the checkpoint
+    normalization_time = time.time() - start
+
+    # ---- evaluation, gathered over all processes [N+ 1.C.10]
+    start = time.time()
+    for split in eval_splits:
+        chosen, rejected = score_pairs(model, dataset[split], args, accelerator, pad, desc=f"eval {split}")
+        df = dataset[split].select_columns(CSV_COLUMNS[:11]).to_pandas()
+        df["confidence"] = df["confidence"].astype("Int64")  # annotator confidence 1-9, missing for some rows
+        df["accuracy"] = (chosen > rejected).astype(float)  # [N+ 1.C.6] strict: a tie counts as wrong
+        df["chosen_rewards"], df["rejected_rewards"] = chosen - bias, rejected - bias
+        metrics = accuracy_metrics(df, split)
+        calibration = calibration_table(chosen - rejected, chosen > rejected)
+        metrics[f"eval/rm/{split}/calibration_error"] = float(
+            (calibration["pairs"] * (calibration["accuracy"] - calibration["predicted"]).abs()).sum() / max(len(df), 1))
+        logger.log(metrics, samples)
+        low, high = metrics[f"eval/rm/{split}/accuracy_ci95_low"], metrics[f"eval/rm/{split}/accuracy_ci95_high"]
+        accelerator.print(f"eval/rm/{split}/accuracy: {metrics[f'eval/rm/{split}/accuracy']:.4f} "
+                          f"(95% CI {low:.4f}-{high:.4f}, {len(df)} pairs)")
+        if accelerator.is_main_process:
+            df[CSV_COLUMNS].to_csv(os.path.join(args.output_dir, f"{split}_rewards.csv"), index=False)
+            calibration.to_csv(os.path.join(args.output_dir, f"{split}_calibration.csv"), index=False)
+            plot_calibration(calibration, os.path.join(args.output_dir, f"{split}_calibration.png"),
+                             f"{split}: accuracy {metrics[f'eval/rm/{split}/accuracy']:.3f}, {len(df)} pairs")
+            logger.table(f"samples/{split}/query_responses", df[CSV_COLUMNS])
+    logger.log({"time/train_seconds": train_time, "time/normalization_seconds": normalization_time,
+                "time/eval_seconds": time.time() - start, "time/peak_memory_gib": peak_memory_gib()}, samples)
+
+    # ---- save a standard Hugging Face folder [N+ 1.C.13]; an evaluation-only run saves nothing
+    if derived.num_updates:
+        accelerator.wait_for_everyone()
+        state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}  # HF names
+        unwrapped.save_pretrained(
+            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+            state_dict=state_dict,
+        )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(args.output_dir)
+        accelerator.print(f"saved {args.output_dir} (reward_bias {bias:.4f}, peak memory {peak_memory_gib():.2f} GiB)")
+    accelerator.end_training()
+    return unwrapped
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
