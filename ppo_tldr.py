@@ -1,0 +1,1265 @@
+"""Stage 3 of 3: PPO on TL;DR with a frozen reward model, a separate value model and a KL penalty.
+
+Reproduces the PPO stage of "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+Summarization" (Huang et al., 2024, arXiv 2403.17031). Every implementation detail carries a tag such as
+`[N+ 1.D.15]` that points into the project's checklist of the reference code (sections 1.A data, 1.D PPO,
+2 helper math, 3 metric names); `grep -n "N+ 1.D" ppo_tldr.py` maps the checklist to the code. The defaults are
+the released runs (`ppo.py` of the reference with `--ppo.no_whiten_rewards`).
+
+What it does, top to bottom:
+  1. loads four models [N+ 1.D.1]: the policy and a frozen reference policy from the SFT checkpoint
+     (`sft_tldr.py`), the value model and a frozen reward model from the RM checkpoint (`reward_tldr.py`). The
+     policy and the value model are separate networks trained by one AdamW optimizer;
+  2. per update, samples 53 tokens at temperature 0.7 for 512 queries, truncates after the first EOS, scores the
+     truncated response with the RM (-1 without EOS), adds a per-token KL penalty 0.05 * (log pi - log pi_ref),
+     runs GAE (gamma 1, lambda 0.95) and whitens the advantages [N+ 1.D.6-18];
+  3. runs 4 PPO epochs of the clipped policy loss plus 0.1 x the clipped value loss [N+ 1.D.19];
+  4. logs the reference's metric names each update, samples a fixed validation probe at temperature 0.01
+     [N+ 1.D.24], saves the policy as a standard Hugging Face folder [N+ 1.D.26], and writes
+     `{validation,test}_table.csv` (id, query, response, reference, score, reference_score), the input of win-rate
+     judging [N+ 1.D.25].
+
+Deviations from the reference code (each deliberate; none changes the algorithm):
+  * Every forward pass gets `position_ids` counted over real tokens (`position_ids_from_mask`) [N+ 1.D.23]. The
+    reference passes none, which is harmless only for rotary models (Pythia); with absolute positions (GPT-2)
+    left padding would shift them and the PPO ratio would not start at 1.
+  * Generation clears EOS on the policy's generation config and sets no `min_new_tokens`: with transformers 5 the
+    reference's `min_new_tokens == max_new_tokens` plus an EOS id restored from the model's config would make EOS
+    unsampleable (transformers#42762). Rollouts are still exactly 53 tokens.
+  * Metrics are masked means over real tokens. The reference averages `approxkl`, `clipfrac`, `entropy` and
+    `ratio` over padding too, and `objective/entropy` counts every pad as -1 (pads hold INVALID_LOGPROB=1); those
+    N+-comparable values are logged under the same name plus `_with_padding`. `ppo/val/num_eos_tokens` is the
+    mean over ranks instead of rank 0's count.
+  * Prompt order: every pass over the train split is a permutation drawn from the global seed, identical on all
+    ranks, and each update takes the next 512 prompts of that stream (rank r takes its contiguous share). The
+    reference uses a shuffled DataLoader seeded the same way [N+ 1.D.5]; the stream makes the data position one
+    integer, so `--resume` is exact.
+  * The validation probe is the first `--validation_probe_size` (16) validation queries split across ranks; the
+    reference takes `local_eval_batch_size=2` per rank, also 16 on its 8 GPUs. Their reference-summary scores are
+    computed once (the RM is frozen) instead of every update.
+  * Left-padding columns that are padding in a whole (micro-)batch are dropped before every forward. With
+    mask-derived positions this changes no result; it only skips work.
+  * `masked_mean` of an empty mask is 0 instead of NaN (a micro-batch whose responses are all padding must not
+    poison the update); `masked_var` raises on an empty mask and on an unbiased variance of one value.
+  * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
+    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set.
+  * Tables are CSV files with decoded text (special tokens removed) instead of `datasets.save_to_disk` folders.
+
+Launch:
+  python ppo_tldr.py --sft_model_path runs/sft --reward_model_path runs/rm      # paper defaults, one GPU (GA 32)
+  accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml ppo_tldr.py \
+      --sft_model_path runs/sft --reward_model_path runs/rm --local_micro_batch_size 16 --seed 44413   # 8 GPUs, 1B
+      # 6.9B: add --local_micro_batch_size 1 --local_rollout_forward_batch_size 4 --offload
+      # preemptible clusters: add --output_dir runs/ppo_44413 --save_every 50 --resume (resumes if a checkpoint exists)
+  python ppo_tldr.py --sft_model_path runs/sft_smoke --reward_model_path runs/rm_smoke --dataset data/tldr_synth/sft \
+      --batch_size 8 --local_micro_batch_size 4 --total_episodes 32 --max_eval_samples 8   # tiny CPU run
+
+Metrics (appended to <output_dir>/metrics.jsonl; x-axis `episodes` = rollouts so far, in every record; the shared
+Logger also writes the same number as `samples`). Each is a mean over the whole update, gathered across ranks:
+  objective/scores            RM score of the truncated rollouts, after the missing-EOS penalty
+  objective/validation_score  RM score of the T=0.01 validation probe (no penalty, as the reference)
+  objective/kl                per-sequence sum of the KL estimate (k1 by default) over real tokens
+  objective/non_score_reward  per-sequence sum of -kl_coef * KL;  objective/score_total = that + scores
+  objective/entropy           per-sequence sum of -log pi(token) over real tokens (sampled entropy estimate);
+                              objective/entropy_with_padding: the reference's value, where each pad adds -1
+  objective/eos_fraction      fraction of rollouts containing EOS;  objective/response_length  tokens incl. EOS
+  ppo/policy/approxkl_avg     0.5 (log pi_new - log pi_old)^2;  ppo/policy/clipfrac_avg  clipped-ratio fraction
+  ppo/policy/entropy_avg      entropy of the temperature-scaled next-token distribution
+  ppo/loss/policy_avg, ppo/loss/value_avg, ppo/val/clipfrac_avg (value clipping), ppo/val/ratio, ppo/val/ratio_var
+  ppo/val/num_eos_tokens      EOS tokens in the raw (untruncated) rollouts per rank
+  ppo/lr, ppo/episode, ppo/eps  LR, episodes, episodes per second (`eps` is the reference's name; Adam's epsilon is
+                              the flag --adam_eps); time/episodes_per_second is the same number
+  check/ratio_first_minibatch, check/approxkl_first_minibatch, check/max_abs_logprob_diff_first_minibatch
+                              the first minibatch of the first epoch is on-policy: ratio 1, approxkl ~0 [N+ 1.D.7]
+  time/generation, time/scoring, time/training, time/validation_probe (seconds per update), time/peak_memory_gib
+  eval/{split}/score, eval/{split}/reference_score, eval/{split}/response_length   after training [N+ 1.D.25]
+"""
+
+import copy
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+# A log-prob placeholder for response positions after the EOS [N+ 1.D.14]. Policy and reference both hold it there,
+# so their difference (the KL) is exactly 0 on padding, for k1 and k3 alike.
+INVALID_LOGPROB = 1.0
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    # --- the two checkpoints of the earlier stages
+    sft_model_path: str
+    """SFT checkpoint (a standard causal-LM folder with its tokenizer): initialises the policy and the frozen
+    reference policy [N+ 1.D.1]"""
+    reward_model_path: str
+    """reward-model checkpoint (AutoModelForSequenceClassification, num_labels=1, `config.reward_bias`):
+    initialises the value model and the frozen reward model [N+ 1.D.1]"""
+
+    # --- run and tracking
+    exp_name: str = "ppo_tldr"
+    """name of this experiment; the run name is `{exp_name}__{seed}__{unix time}`"""
+    seed: int = 44413
+    """global seed: prompt order; each rank samples with seed + rank*100003; paper seeds 44413, 55513, 66613,
+    77713 [N+ 1.B.9]"""
+    track: bool = False
+    """log metrics and sample tables to Weights & Biases as well as to metrics.jsonl"""
+    wandb_project_name: str = "tldr_summarize"
+    """Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team); None means your default entity"""
+    output_dir: Optional[str] = None
+    """where the policy, metrics.jsonl, tables and checkpoints go; default `runs/{run_name}`"""
+    save_every: int = 0
+    """write a resumable training state to <output_dir>/checkpoints every N updates; 0 = never (the reference
+    saves only the final policy)"""
+    resume: bool = False
+    """continue from the newest state in <output_dir>/checkpoints if there is one (else start fresh), so one launch
+    line serves a requeued job; needs --output_dir"""
+
+    # --- data
+    dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """TL;DR posts: a hub dataset or a local folder with one .jsonl/.json/.parquet file per split, columns id,
+    subreddit, title, post, summary; PPO reads only the queries of `train` [N+ 1.A.2, 1.D.5]"""
+    query_length: int = 512
+    """query tokens after smart truncation and left padding [N+ 1.A.4]"""
+    response_length: int = 53
+    """tokens sampled per response, always exactly this many [N+ 1.D.6]"""
+
+    # --- rollouts and rewards
+    temperature: float = 0.7
+    """sampling temperature of the rollouts; training and reference log-probs use logits/(T+1e-7) [N+ 1.D.6, 1.D.8]"""
+    stop_generation_at_eos: bool = False
+    """stop sampling once every response in a generation batch has an EOS (faster; the reference always samples
+    response_length tokens and truncates afterwards). Tokens after an EOS never reach a loss, so only speed, the
+    random stream and ppo/val/num_eos_tokens (which then counts first EOS only) change"""
+    penalty_reward_value: Optional[float] = -1.0
+    """score given to a response without EOS, replacing the RM score (N+ `non_eos_penalty`); None disables
+    [N+ 1.D.13]"""
+    missing_eos_penalty: Optional[float] = None
+    """TRL's variant: subtract this from the RM score of a response without EOS (needs --penalty_reward_value None)"""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty in the reward, fixed (no adaptive controller) [N+ 1.D.3, 1.D.15]"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimate: k1 = log pi - log pi_ref (the reference), k3 = (r - 1) - log r with r = pi_ref/pi
+    (non-negative, TRL's option) [N+ 1.D.15]"""
+    score_at: Literal["eos_p1", "eos"] = "eos_p1"
+    """where the score enters the per-token reward: `eos_p1` = the position after EOS, or the last position when
+    EOS is the last token or missing (the reference and OpenAI); `eos` = the EOS token itself (the value model then
+    stops at EOS too) [N+ 1.D.15]"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (masked, mean kept); off in the released runs [N+ 1.D.16]"""
+
+    # --- PPO
+    gamma: float = 1.0
+    """GAE discount [N+ 1.D.3, 1.D.17]"""
+    lam: float = 0.95
+    """GAE lambda [N+ 1.D.3, 1.D.17]"""
+    whiten_advantages: bool = True
+    """whiten the advantages per rank over real tokens, biased variance [N+ 1.D.18]"""
+    cliprange: float = 0.2
+    """policy ratio clip [N+ 1.D.3]"""
+    cliprange_value: float = 0.2
+    """value clip around the rollout values [N+ 1.D.3]"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the single loss [N+ 1.D.3]"""
+    noptepochs: int = 4
+    """PPO epochs over each batch of rollouts [N+ 1.D.3]"""
+    nminibatches: int = 1
+    """minibatches per PPO epoch; one optimizer step each [N+ 1.D.3, 1.D.4]"""
+
+    # --- optimisation
+    learning_rate: float = 3e-6
+    """AdamW learning rate, shared by policy and value model [N+ 1.D.2]"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (torch's default is 1e-8) [N+ 1.D.2]"""
+    weight_decay: float = 0.01
+    """AdamW weight decay; the reference uses torch's default 0.01 [N+ 1.D.2]"""
+    anneal_lr: bool = True
+    """linear LR annealing per update, lr * (1 - (update-1)/num_updates) [N+ 1.D.2]"""
+    max_grad_norm: Optional[float] = None
+    """clip the global gradient norm; None = no clipping, as the reference [N+ 1.D.21]"""
+    batch_size: int = 512
+    """rollouts per update across all processes = local_micro_batch_size x gradient accumulation x nminibatches x
+    processes; gradient accumulation is derived from it [N+ 1.D.4]"""
+    local_micro_batch_size: int = 16
+    """rollouts per training forward pass on each process (HF's per_device_train_batch_size); paper 16 / 4 / 1 for
+    1B / 2.8B / 6.9B on 8 GPUs [N+ 1.D.4]"""
+    local_rollout_forward_batch_size: int = 64
+    """rollouts per generation and per no-grad forward (reference, value, reward) on each process; paper
+    64 / 32 / 4 [N+ 1.D.4, 1.D.6]"""
+    total_episodes: int = 1_000_000
+    """rollouts in the whole run; updates = total_episodes // batch_size (1953) [N+ 1.D.4]"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of policy and value model (memory for time)"""
+    offload: bool = False
+    """DeepSpeed only: hold the frozen reference and reward models in ZeRO-3 with parameters offloaded to CPU (the
+    6.9B recipe) [N+ 1.D.22]"""
+
+    # --- logging and evaluation
+    validation_probe_size: int = 16
+    """validation queries sampled at eval_temperature and scored before every update (objective/validation_score);
+    split across processes [N+ 1.D.24]"""
+    sample_every: int = 220
+    """write the probe's table (CSV + wandb table) every N updates; 0 = never [N+ 1.D.24]"""
+    run_eval: bool = True
+    """after training, sample every query of eval_splits and write `{split}_table.csv` [N+ 1.D.25]"""
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    """splits to evaluate [N+ 1.D.25]"""
+    local_eval_batch_size: int = 4
+    """queries per generation batch on each process at evaluation"""
+    max_eval_samples: Optional[int] = None
+    """evaluate only the first N rows of each split (quick runs); None = all"""
+    eval_temperature: float = 0.01
+    """sampling temperature of the probe and the evaluation, as OpenAI's sample.py [N+ 1.D.24, 1.F.6]"""
+
+
+@dataclass
+class Derived:
+    """Values computed from Args and the number of processes; never flags."""
+
+    world_size: int
+    local_batch_size: int
+    local_mini_batch_size: int
+    gradient_accumulation_steps: int
+    num_updates: int
+
+
+def derive(args: Args, world_size: int) -> Derived:
+    """Batch arithmetic of the reference [N+ 1.D.4]; every division must be exact."""
+
+    def exact_div(a: int, b: int, what: str) -> int:
+        if a % b:
+            raise ValueError(f"{what}: {a} is not a multiple of {b}")
+        return a // b
+
+    local_batch_size = exact_div(args.batch_size, world_size, "--batch_size over processes")
+    local_mini_batch_size = exact_div(local_batch_size, args.nminibatches, "per-process batch over --nminibatches")
+    grad_accum = exact_div(local_mini_batch_size, args.local_micro_batch_size,
+                           "minibatch over --local_micro_batch_size")
+    exact_div(args.validation_probe_size, world_size, "--validation_probe_size over processes")
+    num_updates = args.total_episodes // args.batch_size
+    if num_updates < 1:
+        raise ValueError(f"--total_episodes {args.total_episodes} is smaller than --batch_size {args.batch_size}")
+    if args.whiten_rewards and local_mini_batch_size < 8:  # the reference's assert [N+ 1.D.16]
+        raise ValueError(f"per-process minibatch {local_mini_batch_size} is too small to whiten rewards (need >= 8)")
+    if args.penalty_reward_value is not None and args.missing_eos_penalty is not None:
+        raise ValueError("choose one missing-EOS rule: --penalty_reward_value (replace) or --missing_eos_penalty "
+                         "(subtract, with --penalty_reward_value None)")
+    return Derived(world_size, local_batch_size, local_mini_batch_size, grad_accum, num_updates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: query formatting, smart truncation and padding [N+ 1.A]. Copied verbatim from sft_tldr.py so the three
+# stages build identical queries; a test checks the copies stay identical.
+# ---------------------------------------------------------------------------------------------------------
+
+QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"  # [N+ 1.A.3], no trailing space
+
+
+def load_chain_tokenizer(sft_model_path: str, reward_model_path: str):
+    """The tokenizer saved with the SFT checkpoint, checked against the RM's [N+ 1.A.1].
+
+    PPO adds no token: the policy samples ids the RM must read, and masks come from the pad id, so both
+    checkpoints must share one vocabulary with a pad token distinct from EOS (pad == EOS would mask every real
+    EOS: the policy could never learn to stop, and the score would not be read at it)."""
+    from transformers import AutoTokenizer
+
+    tokenizers = {p: AutoTokenizer.from_pretrained(p, padding_side="right")
+                  for p in (sft_model_path, reward_model_path)}
+    for path, tok in tokenizers.items():
+        if tok.eos_token_id is None or tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise ValueError(f"tokenizer at {path}: needs an EOS and a distinct pad token (eos={tok.eos_token_id}, "
+                             f"pad={tok.pad_token_id}); train the chain with sft_tldr.py, which adds [PAD]")
+    policy_tok, rm_tok = tokenizers[sft_model_path], tokenizers[reward_model_path]
+    for what, a, b in (("eos id", policy_tok.eos_token_id, rm_tok.eos_token_id),
+                       ("pad id", policy_tok.pad_token_id, rm_tok.pad_token_id),
+                       ("vocabulary", policy_tok.get_vocab(), rm_tok.get_vocab())):
+        if a != b:
+            raise ValueError(f"the SFT and RM tokenizers differ in their {what}: {sft_model_path} and "
+                             f"{reward_model_path} are not one SFT -> RM chain")
+    return policy_tok
+
+
+def format_query(subreddit: str, title: str, post: str) -> str:
+    return QUERY_FORMAT.format(subreddit=subreddit, title=title, post=post)
+
+
+def truncated_query_tokens(tokenizer, row: dict, query_length: int) -> list[int]:
+    """Token ids of the formatted query, shortening the post until it fits `query_length` [N+ 1.A.5].
+
+    Port of OpenAI's smart truncation: cut the post just before its last newline; with no newline left, drop
+    one character; re-encode and check again. A row whose query cannot fit is an error naming the row."""
+    post = row["post"]
+    while True:
+        ids = tokenizer.encode(format_query(row["subreddit"], row["title"], post), add_special_tokens=False)
+        if len(ids) <= query_length:
+            return ids
+        if not post:
+            raise ValueError(
+                f"row id={row.get('id')!r}: the query does not fit {query_length} tokens even with an empty post "
+                f"(subreddit and title alone are too long)"
+            )
+        cut = post.rfind("\n")
+        post = post[:cut] if cut >= 0 else post[:-1]
+
+
+def left_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Left-pad to exactly `length` [N+ 1.A.6]; queries are left-padded so generation continues from the end."""
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens do not fit {length}")
+    return [pad_id] * (length - len(ids)) + ids
+
+
+def right_pad(ids: list[int], length: int, pad_id: int) -> list[int]:
+    """Right-pad to exactly `length` [N+ 1.A.7]."""
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} tokens do not fit {length}")
+    return ids + [pad_id] * (length - len(ids))
+
+
+def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[int], bool]:
+    """Ids of `text` followed by EOS, cut to `response_length`; returns (ids, was_truncated).
+
+    EOS is appended as an id rather than as the string "<|endoftext|>" so it is the real special token for
+    any tokenizer. A cut response loses its EOS; callers count such rows and log them."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return ids[:response_length], len(ids) > response_length
+
+
+def load_splits(dataset: str, name: Optional[str] = None):
+    """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
+    (the file's stem is the split name). Local splits load one at a time: a joint load would impose the first
+    file's column types on every split (a column that is null in train but text in validation fails)."""
+    import datasets
+
+    if not os.path.isdir(dataset):
+        return datasets.load_dataset(dataset, name)
+    splits = {}
+    for fname in sorted(os.listdir(dataset)):
+        stem, ext = os.path.splitext(fname)
+        if ext in (".jsonl", ".json", ".parquet"):
+            if stem in splits:
+                raise ValueError(f"{dataset}: two files for split {stem!r}")
+            builder = "parquet" if ext == ".parquet" else "json"
+            splits[stem] = datasets.load_dataset(builder, data_files=os.path.join(dataset, fname), split="train")
+    if not splits:
+        raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+    return datasets.DatasetDict(splits)
+
+
+def tokenize_queries(dataset, tokenizer, args: Args):
+    """Add query_token (left-padded to Q) and reference_response_token (right-padded to R) to every split [N+ 1.A]."""
+    pad, Q, R = tokenizer.pad_token_id, args.query_length, args.response_length
+    required = ("id", "subreddit", "title", "post", "summary")
+    for split, ds in dataset.items():
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
+
+    def process(row):
+        query = truncated_query_tokens(tokenizer, row, Q)  # [N+ 1.A.5]
+        reference, _ = response_tokens(tokenizer, " " + row["summary"], R)  # [N+ 1.A.7] leading space + EOS
+        return {
+            "query_token": left_pad(query, Q, pad),  # [N+ 1.A.6]
+            "query": tokenizer.decode(query, skip_special_tokens=True),
+            "reference_response_token": right_pad(reference, R, pad),
+        }
+
+    return dataset.map(process, load_from_cache_file=False, desc="tokenizing")
+
+
+def prompt_indices(num_rows: int, seed: int, start: int, count: int) -> list[int]:
+    """Positions [start, start+count) of an endless stream of shuffled passes over `num_rows` prompts [N+ 1.D.5].
+
+    Pass p is `randperm(num_rows)` drawn from `seed + p`, the same on every rank (the reference also seeds its
+    DataLoader shuffle with the global seed). A batch may straddle two passes, so every batch is full, and the data
+    position of a run is the single integer `start`."""
+    out: list[int] = []
+    while count > 0:
+        p, offset = divmod(start, num_rows)
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + p))
+        take = perm[offset : offset + count].tolist()
+        out += take
+        start += len(take)
+        count -= len(take)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helper math [N+ 2]. Masks are True on valid (real) positions. Shapes: B batch, R response length.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def first_true_indices(bools: torch.Tensor, dtype=torch.long) -> torch.Tensor:
+    """Per row, the index of the first True; the row length where there is none [N+ 2]."""
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def truncate_response(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Keep everything up to and including the first EOS; replace every later token with padding [N+ 1.B.12]."""
+    eos_idx = first_true_indices(responses == eos_token_id).unsqueeze(-1)
+    idxs = torch.arange(responses.size(1), device=responses.device).view(1, -1)
+    return torch.masked_fill(responses, idxs > eos_idx, pad_token_id)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them [N+ 1.D.23]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def trim_padding_columns(ids: torch.Tensor, pad_token_id: int, side: Literal["left", "right"]) -> torch.Tensor:
+    """Drop the leading (left) or trailing (right) columns that are padding in every row of the batch."""
+    real = (ids != pad_token_id).any(0)
+    if not real.any():
+        return ids[:, :1]
+    nz = real.nonzero().flatten()
+    return ids[:, nz[0] :] if side == "left" else ids[:, : nz[-1] + 1]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the True positions of the whole tensor: a token mean, not a mean of per-sequence means [N+ 2].
+
+    An empty mask gives 0 (the reference divides by zero): a micro-batch whose responses are all padding then adds
+    nothing to the loss instead of turning the update into NaN."""
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the True positions; with `unbiased`, times Bessel's n/(n-1) [N+ 2].
+
+    Raises on an empty mask, and on an unbiased variance of a single value (n/(n-1) would divide by zero)."""
+    n = mask.bool().sum()
+    if n == 0:
+        raise ValueError("masked_var: the mask is empty (no real token to take a variance over)")
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        if n == 1:
+            raise ValueError("masked_var: the unbiased variance of one value is undefined; use unbiased=False or a "
+                             "larger batch")
+        variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / sqrt(var + 1e-8) with masked statistics and the *biased* variance, as the reference (and
+    TF's tf.nn.moments in OpenAI's code) [N+ 2]. `shift_mean=False` adds the mean back (used for rewards)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=False)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened += mean
+    return whitened
+
+
+def response_masks(postprocessed_responses: torch.Tensor, pad_token_id: int):
+    """Index of each response's last real token and the two padding masks (True on padding) [N+ 1.D.10, 1.D.14].
+
+    `sequence_lengths` (B,) is the EOS index when the truncated response has one, else R-1 (the last token); as in
+    the reference it is found from the first pad id, so a pad id sampled by the policy also ends the response.
+    `padding_mask` (B, R) marks the positions after it: the policy trains on every token up to and including EOS.
+    `padding_mask_p1` ("plus one") marks the positions after EOS+1: the value model also learns the position just
+    after EOS, where the reference places the score (`compute_rewards`), so that V(EOS+1) learns the score and GAE
+    carries it back to the EOS token. The reference's drawing:
+    https://excalidraw.com/#json=LWnzG4w2k5DjF_EOL_xPt,e2w3a-hFJ_gX5vOfeyXGTw"""
+    sequence_lengths = first_true_indices(postprocessed_responses == pad_token_id) - 1
+    response_idxs = torch.arange(postprocessed_responses.shape[1], device=postprocessed_responses.device).view(1, -1)
+    padding_mask = response_idxs > sequence_lengths.unsqueeze(1)
+    padding_mask_p1 = response_idxs > (sequence_lengths + 1).unsqueeze(1)
+    return sequence_lengths, padding_mask, padding_mask_p1
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, contain_eos: torch.Tensor, penalty_reward_value: Optional[float],
+                              missing_eos_penalty: Optional[float]) -> torch.Tensor:
+    """Scores of responses without EOS [N+ 1.D.13]: replaced by `penalty_reward_value` (the reference, -1), or
+    lowered by `missing_eos_penalty` (TRL); both None leaves them alone."""
+    if penalty_reward_value is not None:
+        scores = torch.where(contain_eos, scores, torch.full_like(scores, penalty_reward_value))
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~contain_eos).to(scores.dtype)
+    return scores
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token's log-probs [N+ 1.D.15].
+
+    k1 = log pi - log pi_ref: unbiased, negative on some tokens (the reference). k3 = (r - 1) - log r with
+    r = pi_ref / pi: unbiased and >= 0 (Schulman's blog "Approximating KL divergence"; TRL's option). Both are
+    exactly 0 where both inputs hold INVALID_LOGPROB (padding)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        log_ratio = ref_logprobs - logprobs
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def compute_rewards(kl: torch.Tensor, scores: torch.Tensor, sequence_lengths: torch.Tensor, kl_coef: float,
+                    score_at: str = "eos_p1"):
+    """Per-token rewards (B, R) = -kl_coef * kl everywhere, plus each sequence's score at one position [N+ 1.D.15].
+
+    `eos_p1` (the reference): the score sits at sequence_length + 1, the first slot after EOS, or at the last
+    position when EOS is the last token or missing. `eos`: at the EOS token (sequence_length). Returns
+    (rewards, non_score_reward)."""
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    if score_at == "eos_p1":
+        end = torch.where(sequence_lengths + 1 < rewards.size(1), sequence_lengths + 1, sequence_lengths)
+    elif score_at == "eos":
+        end = sequence_lengths
+    else:
+        raise ValueError(f"unknown score position {score_at!r}")
+    end = end.clamp(min=0)  # a response whose first token is the pad id has sequence_length -1
+    rewards[torch.arange(rewards.size(0), device=rewards.device), end] += scores
+    return rewards, non_score_reward
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over (B, R) tensors [N+ 1.D.17, 2]; returns (advantages, returns).
+
+    delta_t = r_t + gamma V_{t+1} - V_t with V_R = 0; A_t = delta_t + gamma lam A_{t+1}; returns = A + V, taken
+    before any whitening. The loop runs over every position: padding adds nothing because rewards and values are
+    0 there."""
+    lastgaelam = 0.0
+    advantages_reversed = []
+    gen_length = rewards.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float):
+    """PPO's clipped surrogate, a token mean over `mask` [N+ 2]; returns (loss, ratio, clipped).
+
+    loss = mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps))); `clipped` (bool, B x R) marks where the clipped
+    term is the larger one (the clip fraction's numerator)."""
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    return loss, ratio, pg_losses2 > pg_losses
+
+
+def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float):
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- eps) - R)^2)) over `mask` [N+ 2];
+    returns (loss, clipped)."""
+    vpredclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses1 = torch.square(vpred - returns)
+    vf_losses2 = torch.square(vpredclipped - returns)
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    return loss, vf_losses2 > vf_losses1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models: the value/reward wrapper, policy+value in one module, forward passes and generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+class NormalizedScalarModel(nn.Module):
+    """Per-position scalar outputs of a reward-model checkpoint, minus its normalisation bias [N+ 1.C.1, 1.C.11].
+
+    Wraps a standard `AutoModelForSequenceClassification` (num_labels=1): the backbone's last hidden state goes
+    through the `score` head at every position, and `config.reward_bias` is subtracted, as the reference's
+    ScalarModel does (reward_tldr.py's ScalarModel returns the raw scores it trains). Both the frozen reward model
+    and the value model use it [N+ 1.D.1]; a module (not a function) so that DDP's and DeepSpeed's forward hooks
+    run."""
+
+    def __init__(self, model):
+        super().__init__()
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ValueError(f"reward model has num_labels={model.config.num_labels}; expected 1")
+        self.model = model
+        self.reward_bias = float(getattr(model.config, "reward_bias", 0.0))
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # (B, T, H)
+        return self.model.score(hidden).squeeze(-1) - self.reward_bias  # (B, T)
+
+
+class PolicyAndValueWrapper(nn.Module):
+    """Policy and value model as one module, so accelerate/DeepSpeed see one model and one optimizer [N+ 1.D.1].
+
+    They remain separate networks (no shared trunk); one call runs both on the same ids."""
+
+    def __init__(self, policy, critic: NormalizedScalarModel):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.policy(**kwargs, use_cache=False), self.critic(**kwargs)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set p=0 in every dropout layer [N+ 1.B.2]: stochastic forwards would make PPO's ratio differ from 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def forward(model, ids: torch.Tensor, pad_token_id: int):
+    """A forward pass with the mask and positions derived from padding [N+ 1.B.5, 1.D.23].
+
+    The reference also replaces pad ids by 0 in `input_ids`; the pad id always has an embedding row here
+    (`fit_embeddings`), and keeping it lets HF's sequence-classification pooling find the padding."""
+    mask = ids != pad_token_id
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+
+
+def sampling_config(response_length: int, temperature: float):
+    """Generation settings for exactly `response_length` sampled tokens [N+ 1.B.10].
+
+    The reference sets min_new_tokens = max_new_tokens and clears eos/pad ids on the model. With transformers 5,
+    `generate` refills unset fields from `model.generation_config`, and an EOS id restored there plus a min
+    length makes EOS unsampleable; so the caller clears those ids on the model (`prepare_for_sampling`) and no
+    min length is set: with no EOS id, generation cannot stop early anyway."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=response_length,
+        temperature=temperature + 1e-7,  # [N+ 1.B.10] as the reference; avoids a zero temperature
+        top_k=0,
+        top_p=1.0,
+        do_sample=True,
+    )
+
+
+@torch.no_grad()
+def generate(model, queries: torch.Tensor, pad_token_id: int, generation_config) -> torch.Tensor:
+    """Sample responses for left-padded queries; returns (B, R) response ids [N+ 1.B.11].
+
+    HF generate derives positions from the attention mask, like our forward passes."""
+    out = model.generate(input_ids=queries, attention_mask=queries != pad_token_id, generation_config=generation_config)
+    return out[:, queries.shape[1] :]
+
+
+def rollout_generation_config(args: Args, tokenizer, temperature: float):
+    """`sampling_config` [N+ 1.D.6], plus EOS and pad ids when --stop_generation_at_eos lets generation stop."""
+    config = sampling_config(args.response_length, temperature)
+    if args.stop_generation_at_eos:
+        config.eos_token_id = tokenizer.eos_token_id  # finished rows are filled with the pad id
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+@torch.no_grad()
+def generate_with_logprobs(model, queries: torch.Tensor, pad_token_id: int, generation_config, response_length: int):
+    """Sample responses for left-padded queries and the log-probs of the sampled tokens [N+ 1.D.6, 1.D.7].
+
+    The log-probs come from the generation scores, i.e. the logits after HF's temperature warper (logits / T; with
+    top_k=0 and top_p=1 no other processor runs), not from a second forward pass. Returns (B, R) responses,
+    right-padded with the pad id if generation stopped early, and (B, R) log-probs, INVALID_LOGPROB where no token
+    was generated."""
+    config = copy.deepcopy(generation_config)
+    config.output_scores, config.return_dict_in_generate = True, True
+    out = model.generate(input_ids=queries, attention_mask=queries != pad_token_id, generation_config=config)
+    responses = out.sequences[:, queries.shape[1] :]  # (B, L), L <= R
+    logits = torch.stack(out.scores, 1)  # (B, L, V): logits / T of the distribution each token was drawn from
+    logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, responses.unsqueeze(-1)).squeeze(-1)  # (B, L)
+    missing = response_length - responses.shape[1]
+    responses = F.pad(responses, (0, missing), value=pad_token_id)
+    logprobs = F.pad(logprobs, (0, missing), value=INVALID_LOGPROB)
+    return responses, logprobs
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, R) log-probs of the response tokens under logits / (T + 1e-7) [N+ 1.D.8, 1.D.19]."""
+    logits = logits.float() / (temperature + 1e-7)
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, responses.unsqueeze(-1)).squeeze(-1)
+
+
+def get_score(reward_model, query_responses: torch.Tensor, pad_token_id: int, context_length: int) -> torch.Tensor:
+    """(B,) reward-model output at each response's last real token: its EOS when it has one [N+ 1.C.5, 1.D.12]."""
+    rewards = forward(reward_model, query_responses, pad_token_id)  # (B, T)
+    sequence_lengths = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
+    return rewards[torch.arange(rewards.size(0), device=rewards.device), sequence_lengths]
+
+
+@torch.no_grad()
+def sample_and_score(policy, reward_model, queries: torch.Tensor, tokenizer, generation_config):
+    """Evaluation samples (truncated after EOS) and their RM scores, without any EOS penalty [N+ 1.D.24-25].
+
+    Returns (left-trimmed queries, responses, scores)."""
+    pad = tokenizer.pad_token_id
+    queries = trim_padding_columns(queries, pad, "left")
+    responses = truncate_response(generate(policy, queries, pad, generation_config), tokenizer.eos_token_id, pad)
+    scores = get_score(reward_model, torch.cat((queries, responses), 1), pad, queries.shape[1])
+    return queries, responses, scores
+
+
+@torch.no_grad()
+def evaluate(policy, reward_model, tokenizer, dataset, args: Args, accelerator, generation_config):
+    """Sample every query of a split at eval_temperature; score response and reference summary [N+ 1.D.25]."""
+    import pandas as pd
+
+    pad = tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        dataset.with_format("torch", columns=["id", "query_token", "reference_response_token"]),
+        batch_size=args.local_eval_batch_size,
+    )
+    loader = accelerator.prepare_data_loader(loader)
+    table = {k: [] for k in ("id", "query", "response", "reference", "score", "reference_score")}
+    lengths = []
+    decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+    for batch in loader:
+        queries, responses, scores = sample_and_score(policy, reward_model, batch["query_token"], tokenizer,
+                                                      generation_config)
+        reference = batch["reference_response_token"]
+        reference_scores = get_score(reward_model, torch.cat((queries, reference), 1), pad, queries.shape[1])
+        table["id"] += accelerator.gather_for_metrics(batch["id"], use_gather_object=True)
+        table["query"] += accelerator.gather_for_metrics(decode(queries), use_gather_object=True)
+        table["response"] += accelerator.gather_for_metrics(decode(responses), use_gather_object=True)
+        table["reference"] += accelerator.gather_for_metrics(decode(reference), use_gather_object=True)
+        table["score"] += accelerator.gather_for_metrics(scores.float()).tolist()
+        table["reference_score"] += accelerator.gather_for_metrics(reference_scores.float()).tolist()
+        lengths += accelerator.gather_for_metrics((responses != pad).sum(1)).tolist()
+    df = pd.DataFrame(table)
+    metrics = {"score": float(df["score"].mean()), "reference_score": float(df["reference_score"].mean()),
+               "response_length": float(np.mean(lengths))}
+    return df, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging, provenance and resumable training state
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
+
+    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
+            )
+
+    def log(self, metrics: dict, samples: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"samples": samples, **metrics})
+
+    def table(self, name: str, df) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+
+def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
+    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
+        try:
+            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
+        except ImportError:
+            pass
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "git_sha": sha,
+            "python": platform.python_version(), "versions": versions}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
+                     "sample_every", "run_eval", "eval_splits", "local_eval_batch_size", "max_eval_samples"}
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete training state under <output_dir>/checkpoints (folders appear only once complete)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("update_")) if os.path.isdir(root) else []
+    return os.path.join(root, names[-1]) if names else None
+
+
+def save_training_state(accelerator, output_dir: str, state: dict) -> None:
+    """Write policy, value model, optimizer and every process's RNG states (accelerate's `save_state`, which also
+    handles DeepSpeed's partitioned optimizer) plus `trainer_state.json` (update, episode, data position, metrics
+    lines, args) into checkpoints/update_N. Written into a temporary folder and renamed when complete, so a crash
+    never leaves a half state; older states are then deleted."""
+    root = os.path.join(output_dir, "checkpoints")
+    final = os.path.join(root, f"update_{state['update']:06d}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, final)
+        for name in os.listdir(root):
+            if name != os.path.basename(final):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    """Run the stage; returns the trained policy."""
+    import pandas as pd
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # else each process would silently run alone, in the same output_dir
+        raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
+    derived = derive(args, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
+    device = accelerator.device
+    if args.resume and not args.output_dir:
+        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
+    deepspeed_plugin = accelerator.state.deepspeed_plugin
+    if args.offload and deepspeed_plugin is None:
+        raise ValueError("--offload needs a DeepSpeed launch (accelerate launch --config_file ...deepspeed...yaml)")
+    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:  # sharded policy: slow, unsynced generate
+        raise ValueError("policy and value model train under ZeRO-2 (the paper's setting for every size); to fit the "
+                         "6.9B recipe use the ZeRO-2 config with --offload, which shards the frozen models in ZeRO-3")
+
+    # ---- resume: read the saved state first, so the run keeps its name, folder and position
+    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
+    resumed = None
+    if checkpoint is not None:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            resumed = json.load(f)
+        changed = sorted(k for k, v in asdict(args).items()
+                         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(v)) != resumed["args"].get(k))
+        if changed or resumed["world_size"] != derived.world_size:
+            raise ValueError(f"cannot resume {checkpoint}: flags {changed} or the number of processes "
+                             f"({resumed['world_size']} -> {derived.world_size}) differ from the interrupted run")
+    run_name = [resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"]
+    broadcast_object_list(run_name)  # one name on every rank, also when their clocks tick apart
+    run_name = run_name[0]
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_run_info(args.output_dir, args, derived)
+
+    # ---- data [N+ 1.A, 1.D.5]
+    tokenizer = load_chain_tokenizer(args.sft_model_path, args.reward_model_path)
+    pad, eos, R = tokenizer.pad_token_id, tokenizer.eos_token_id, args.response_length
+    dataset = load_splits(args.dataset)
+    if "train" not in dataset or "validation" not in dataset:
+        raise ValueError(f"{args.dataset} needs 'train' and 'validation' splits (found {list(dataset)})")
+    missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
+    if missing:
+        raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
+    keep = {"train", "validation", *(args.eval_splits if args.run_eval else ())}
+    dataset = type(dataset)({s: ds for s, ds in dataset.items() if s in keep})
+    probe_rows = dataset["validation"].select(range(min(args.validation_probe_size, len(dataset["validation"]))))
+    if len(probe_rows) < args.validation_probe_size:
+        raise ValueError(f"validation has {len(probe_rows)} rows, fewer than --validation_probe_size "
+                         f"{args.validation_probe_size}")
+    if args.max_eval_samples is not None:
+        for split in args.eval_splits if args.run_eval else ():
+            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
+    dataset["probe"] = probe_rows
+    with accelerator.main_process_first():
+        dataset = tokenize_queries(dataset, tokenizer, args)
+    train_queries = dataset["train"].with_format("torch", columns=["query_token"])[:]["query_token"]  # (N, Q)
+    probe_share = args.validation_probe_size // derived.world_size  # [N+ 1.D.24] a fixed set; rank r takes share r
+    rank = accelerator.process_index
+    probe = dataset["probe"].select(range(rank * probe_share, (rank + 1) * probe_share))
+    probe = probe.with_format("torch", columns=["id", "query_token", "reference_response_token"])[:]
+
+    # ---- seeds [N+ 1.B.9]: each rank samples with its own seed; the prompt order comes from the global seed
+    local_seed = args.seed + accelerator.process_index * 100003
+    seed_everything(local_seed)
+    torch.backends.cudnn.deterministic = True
+
+    # ---- four models [N+ 1.D.1], dropout off in all [N+ 1.B.2]
+    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, dtype=torch.float32)
+    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, dtype=torch.float32)
+    rm_path, fp32 = args.reward_model_path, torch.float32
+    critic = NormalizedScalarModel(AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=fp32))  # = the RM
+    reward_model = NormalizedScalarModel(AutoModelForSequenceClassification.from_pretrained(rm_path, dtype=fp32))
+    for m in (policy, ref_policy, critic.model, reward_model.model):
+        disable_dropout(m)
+    ref_policy.config.use_cache = False  # full forwards only: do not keep a KV cache of every query
+    # A fresh generation config: the checkpoint's own may carry EOS ids or processors (repetition penalty, ...) that
+    # generate() would merge into ours and that the training forward would not reproduce [N+ 1.D.6].
+    policy.generation_config = sampling_config(args.response_length, args.temperature)
+    if args.gradient_checkpointing:
+        for m in (policy, critic.model):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PolicyAndValueWrapper(policy, critic)
+    # [N+ 1.D.2] one AdamW for both networks, so one LR; torch's default betas and weight decay
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+
+    if deepspeed_plugin is not None:  # [N+ 1.D.22] policy + value in the DeepSpeed engine (ZeRO-2 in the paper)
+        ds_config = deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.local_micro_batch_size
+        ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # accelerate would turn "auto" into 1.0 [N+ 1.D.21]
+        if args.offload:
+            ds_config["checkpoint"] = {"use_node_local_storage": True}
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if deepspeed_plugin is not None:
+        import deepspeed  # only on this path; not needed for DDP or CPU runs
+
+        # [N+ 1.D.22] the frozen models go through deepspeed.initialize with an inference-only config; with
+        # --offload (the 6.9B recipe) ZeRO-3 shards them and keeps their parameters on CPU
+        eval_ds_config = {
+            "train_micro_batch_size_per_gpu": args.local_micro_batch_size,
+            "bf16": {"enabled": accelerator.mixed_precision == "bf16"},
+            "fp16": {"enabled": accelerator.mixed_precision == "fp16"},
+            "prescale_gradients": False,
+            "wall_clock_breakdown": False,
+        }
+        if args.offload:
+            eval_ds_config["zero_optimization"] = {
+                "stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": {"device": "cpu"}}
+        reward_model, *_ = deepspeed.initialize(model=reward_model, config=eval_ds_config)
+        ref_policy, *_ = deepspeed.initialize(model=ref_policy, config=eval_ds_config)
+    else:
+        reward_model, ref_policy = reward_model.to(device), ref_policy.to(device)
+    reward_model.eval()
+    ref_policy.eval()
+    unwrapped = accelerator.unwrap_model(model)  # .policy samples, .critic gives rollout values
+    rollout_config = rollout_generation_config(args, tokenizer, args.temperature)  # [N+ 1.D.6] T=0.7
+    eval_config = rollout_generation_config(args, tokenizer, args.eval_temperature)  # [N+ 1.D.24] T=0.01
+
+    # The probe's reference summaries are scored once: the RM is frozen and the probe fixed.
+    with torch.no_grad(), accelerator.autocast():
+        probe_queries = trim_padding_columns(probe["query_token"].to(device), pad, "left")
+        probe_reference = probe["reference_response_token"].to(device)
+        probe_reference_scores = get_score(reward_model, torch.cat((probe_queries, probe_reference), 1), pad,
+                                           probe_queries.shape[1])
+
+    start_update, episode, data_position = 1, 0, 0
+    if resumed is not None:
+        accelerator.load_state(checkpoint)  # weights, optimizer and this rank's RNG states
+        start_update, episode, data_position = resumed["update"] + 1, resumed["episode"], resumed["data_position"]
+        if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
+            path = os.path.join(args.output_dir, "metrics.jsonl")
+            with open(path) as f:
+                kept = f.readlines()[: resumed["metrics_lines"]]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        accelerator.print(f"resumed from {checkpoint} at update {start_update}, episode {episode}")
+    logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
+    accelerator.print(
+        f"{derived.num_updates} updates x {args.batch_size} rollouts; per process {derived.local_batch_size} = "
+        f"{args.local_micro_batch_size} micro x {derived.gradient_accumulation_steps} accumulation x "
+        f"{args.nminibatches} minibatches; {derived.world_size} processes"
+    )
+
+    # Per-update statistics, one entry per (epoch, minibatch, micro-batch) as the reference, gathered over ranks at
+    # the end of the update so every logged number covers the whole update [N+ 3].
+    stats_shape = (args.noptepochs, args.nminibatches, derived.gradient_accumulation_steps)
+    stat_names = ("approxkl", "approxkl_with_padding", "pg_clipfrac", "pg_clipfrac_with_padding", "pg_loss", "vf_loss",
+                  "vf_clipfrac", "entropy", "entropy_with_padding", "ratio", "ratio_with_padding")
+    local_batch_size, local_mini_batch_size = derived.local_batch_size, derived.local_mini_batch_size
+    start_time, start_episode = time.time(), episode
+    progress = tqdm(range(start_update, derived.num_updates + 1), initial=start_update - 1, total=derived.num_updates,
+                    disable=not accelerator.is_local_main_process, desc="ppo")
+    for update in progress:
+        episode += args.batch_size
+        # [N+ 1.D.2] linear annealing by hand, at the start of every update
+        lrnow = args.learning_rate * (1.0 - (update - 1.0) / derived.num_updates if args.anneal_lr else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lrnow
+        rows = prompt_indices(len(train_queries), args.seed, data_position, args.batch_size)
+        data_position += args.batch_size
+        local_rows = rows[accelerator.process_index * local_batch_size :][:local_batch_size]
+        model.eval()  # no dropout anyway; eval keeps the KV cache on under gradient checkpointing
+
+        # ---- 0. validation probe at T=0.01, scored by the RM [N+ 1.D.24]
+        t0 = time.time()
+        with torch.no_grad(), accelerator.autocast():
+            _, probe_responses, validation_score = sample_and_score(unwrapped.policy, reward_model, probe_queries,
+                                                                    tokenizer, eval_config)
+        time_probe = time.time() - t0
+        if args.sample_every > 0 and (update - 1) % args.sample_every == 0:
+            decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+            table = {
+                "id": accelerator.gather_for_metrics(probe["id"], use_gather_object=True),
+                "query": accelerator.gather_for_metrics(decode(probe_queries), use_gather_object=True),
+                "response": accelerator.gather_for_metrics(decode(probe_responses), use_gather_object=True),
+                "reference": accelerator.gather_for_metrics(decode(probe_reference), use_gather_object=True),
+                "score": accelerator.gather(validation_score.float()).tolist(),
+                "reference_score": accelerator.gather(probe_reference_scores.float()).tolist(),
+            }
+            if accelerator.is_main_process:
+                os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+                df = pd.DataFrame(table)
+                df.to_csv(os.path.join(args.output_dir, "samples", f"update_{update:06d}.csv"), index=False)
+                logger.table("samples/validation_query_responses", df)
+
+        # ---- rollouts, in chunks of local_rollout_forward_batch_size [N+ 1.D.6-12]
+        # Shapes: B = local batch, b = chunk, Q = query columns left after trimming, R = response length, V = vocab.
+        time_generation = time_scoring = 0.0
+        with torch.no_grad(), accelerator.autocast():
+            queries = trim_padding_columns(train_queries[local_rows].to(device), pad, "left")  # (B, Q)
+            responses, logprobs, ref_logprobs, values, scores = [], [], [], [], []
+            for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
+                query = trim_padding_columns(queries[i : i + args.local_rollout_forward_batch_size], pad, "left")
+                context_length = query.shape[1]
+                # 1. sample exactly R tokens at T=0.7; the old log-probs are the generation's own [N+ 1.D.6-7]
+                t0 = time.time()
+                response, logprob = generate_with_logprobs(unwrapped.policy, query, pad, rollout_config, R)  # (b, R)
+                time_generation += time.time() - t0
+                t0 = time.time()
+                query_response = torch.cat((query, response), 1)  # (b, Q+R)
+                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8];
+                #    position Q-1+t predicts response token t, hence the slice Q-1 : -1
+                ref_logits = forward(ref_policy, query_response, pad).logits[:, context_length - 1 : -1]  # (b, R, V)
+                ref_logprob = response_logprobs(ref_logits, response, args.temperature)  # (b, R)
+                del ref_logits
+                # 3. response processing 1: keep the first EOS, pad everything after it [N+ 1.D.9]
+                postprocessed_response = truncate_response(response, eos, pad)  # (b, R)
+                # 4. values of the raw (untruncated) rollout: causal attention keeps positions <= EOS+1 unchanged;
+                #    values[t] is the value of the state before response token t [N+ 1.D.11]
+                value = forward(unwrapped.critic, query_response, pad)[:, context_length - 1 : -1]  # (b, R)
+                # 5. response processing 2: the RM scores the truncated response at its EOS token [N+ 1.D.12]
+                score = get_score(reward_model, torch.cat((query, postprocessed_response), 1), pad,
+                                  context_length)  # (b,)
+                time_scoring += time.time() - t0
+                responses.append(response)
+                logprobs.append(logprob)
+                ref_logprobs.append(ref_logprob)
+                values.append(value)
+                scores.append(score)
+            responses = torch.cat(responses, 0)  # (B, R)
+            query_responses = torch.cat((queries, responses), 1)  # (B, Q+R)
+            logprobs, ref_logprobs = torch.cat(logprobs, 0).float(), torch.cat(ref_logprobs, 0).float()  # (B, R)
+            values, scores = torch.cat(values, 0).float(), torch.cat(scores, 0).float()  # (B, R), (B,)
+            postprocessed_responses = truncate_response(responses, eos, pad)
+
+            # 6. response processing 3: a response without EOS gets the penalty score (-1) [N+ 1.D.13]
+            contain_eos = torch.any(postprocessed_responses == eos, dim=-1)  # (B,)
+            scores = apply_missing_eos_penalty(scores, contain_eos, args.penalty_reward_value, args.missing_eos_penalty)
+
+            # 7. masks (True on padding) [N+ 1.D.10, 1.D.14]: the policy trains up to and including EOS
+            #    (padding_mask); the value model up to EOS+1 (padding_mask_p1, "plus one"), the slot that holds the
+            #    score; with --score_at eos the score sits at EOS and the value model stops there too
+            sequence_lengths, padding_mask, padding_mask_p1 = response_masks(postprocessed_responses, pad)
+            value_padding_mask = padding_mask_p1 if args.score_at == "eos_p1" else padding_mask
+            logprobs = torch.masked_fill(logprobs, padding_mask, INVALID_LOGPROB)
+            ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
+            values = torch.masked_fill(values, value_padding_mask, 0)
+
+            # 8. per-token rewards: -0.05 * KL on every token, the score after EOS [N+ 1.D.15]
+            kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator)  # (B, R), 0 on padding
+            rewards, non_score_reward = compute_rewards(kl, scores, sequence_lengths, args.kl_coef, args.score_at)
+
+            # 9. optional reward whitening, mean kept; off in the released runs [N+ 1.D.16]
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, ~value_padding_mask, shift_mean=False)
+                rewards = torch.masked_fill(rewards, value_padding_mask, 0)
+
+            # 10. GAE (gamma 1, lambda 0.95); returns before whitening; advantages whitened with this rank's
+            #     statistics over real tokens (biased variance) and zeroed on padding [N+ 1.D.17-18]
+            advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)  # (B, R) each
+            if args.whiten_advantages:
+                advantages = masked_whiten(advantages, ~padding_mask)
+            advantages = torch.masked_fill(advantages, padding_mask, 0)
+
+        # ---- 11. PPO epochs, a fresh shuffle each; one optimizer step per minibatch [N+ 1.D.19]
+        t0 = time.time()
+        model.train()
+        stats = torch.zeros((len(stat_names), *stats_shape), device=device)
+        first_minibatch_max_diff = torch.zeros((), device=device)
+        for ppo_epoch_idx in range(args.noptepochs):
+            b_inds = np.random.permutation(local_batch_size)
+            for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
+                mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
+                for ga_idx, micro_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
+                    with accelerator.accumulate(model):
+                        mb = mini_batch_inds[micro_start : micro_start + args.local_micro_batch_size]
+                        mb_query_responses = trim_padding_columns(query_responses[mb], pad, "left")  # (b, Q'+R)
+                        mb_context_length = mb_query_responses.shape[1] - R
+                        mb_padding_mask, mb_value_padding_mask = padding_mask[mb], value_padding_mask[mb]
+                        output, vpred_temp = forward(model, mb_query_responses, pad)  # one pass through both nets
+                        logits = output.logits[:, mb_context_length - 1 : -1].float()  # (b, R, V)
+                        new_logprobs = response_logprobs(logits, responses[mb], args.temperature)  # (b, R)
+                        new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
+                        vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, R)
+                        vpred = torch.masked_fill(vpred, mb_value_padding_mask, 0)
+                        vf_loss, vf_clipped = value_loss(vpred, values[mb], returns[mb], ~mb_value_padding_mask,
+                                                         args.cliprange_value)
+                        pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, logprobs[mb], advantages[mb],
+                                                                 ~mb_padding_mask, args.cliprange)
+                        # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        accelerator.backward(loss)
+                        if args.max_grad_norm is not None and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    with torch.no_grad():
+                        valid = ~mb_padding_mask
+                        logprobs_diff = new_logprobs - logprobs[mb]
+                        approxkl = 0.5 * logprobs_diff**2
+                        scaled = logits / (args.temperature + 1e-7)
+                        # entropy of the full next-token distribution: logsumexp(z) - sum softmax(z) z
+                        entropy = torch.logsumexp(scaled, dim=-1) - torch.sum(F.softmax(scaled, dim=-1) * scaled,
+                                                                              dim=-1)  # (b, R)
+                        stats[:, ppo_epoch_idx, minibatch_idx, ga_idx] = torch.stack([
+                            masked_mean(approxkl, valid), approxkl.mean(),
+                            masked_mean(pg_clipped.float(), valid), pg_clipped.float().mean(),
+                            pg_loss.detach(), vf_loss.detach(),
+                            masked_mean(vf_clipped.float(), ~mb_value_padding_mask),
+                            masked_mean(entropy, valid), entropy.mean(),
+                            masked_mean(ratio, valid), ratio.mean(),
+                        ])
+                        if ppo_epoch_idx == 0 and minibatch_idx == 0:  # on-policy: nothing has been updated yet
+                            diff = torch.where(valid, logprobs_diff.abs(), 0.0).max()
+                            first_minibatch_max_diff = torch.maximum(first_minibatch_max_diff, diff)
+        time_training = time.time() - t0
+
+        # ---- logging: every number is a mean over the update, gathered across ranks [N+ 3]
+        with torch.no_grad():
+            s = dict(zip(stat_names, accelerator.gather(stats.unsqueeze(0)).transpose(0, 1).flatten(1)))
+            valid = ~padding_mask
+            local = {
+                "objective/kl": kl.sum(1).mean(),
+                "objective/entropy": torch.where(valid, -logprobs, 0.0).sum(1).mean(),
+                "objective/entropy_with_padding": (-logprobs).sum(1).mean(),  # the reference: each pad adds -1
+                "objective/non_score_reward": non_score_reward.sum(1).mean(),
+                "objective/score_total": non_score_reward.sum(1).mean() + scores.mean(),
+                "objective/scores": scores.mean(),
+                "objective/validation_score": validation_score.float().mean(),
+                "objective/eos_fraction": contain_eos.float().mean(),
+                "objective/response_length": (sequence_lengths + 1).float().mean(),
+                "ppo/val/num_eos_tokens": (responses == eos).sum().float(),
+                "check/ratio_first_minibatch": stats[stat_names.index("ratio"), 0, 0].mean(),
+                "check/approxkl_first_minibatch": stats[stat_names.index("approxkl"), 0, 0].mean(),
+                "time/generation": torch.tensor(time_generation), "time/scoring": torch.tensor(time_scoring),
+                "time/training": torch.tensor(time_training), "time/validation_probe": torch.tensor(time_probe),
+            }
+            gathered = accelerator.gather(torch.stack([v.to(device).float() for v in local.values()]).unsqueeze(0))
+            metrics = {"episodes": episode, **dict(zip(local, gathered.mean(0).tolist()))}
+            metrics["check/max_abs_logprob_diff_first_minibatch"] = accelerator.gather(
+                first_minibatch_max_diff.reshape(1)).max().item()
+            metrics.update({
+                "ppo/policy/approxkl_avg": s["approxkl"].mean().item(),
+                "ppo/policy/approxkl_avg_with_padding": s["approxkl_with_padding"].mean().item(),
+                "ppo/policy/clipfrac_avg": s["pg_clipfrac"].mean().item(),
+                "ppo/policy/clipfrac_avg_with_padding": s["pg_clipfrac_with_padding"].mean().item(),
+                "ppo/policy/entropy_avg": s["entropy"].mean().item(),
+                "ppo/policy/entropy_avg_with_padding": s["entropy_with_padding"].mean().item(),
+                "ppo/loss/policy_avg": s["pg_loss"].mean().item(),
+                "ppo/loss/value_avg": s["vf_loss"].mean().item(),
+                "ppo/val/clipfrac_avg": s["vf_clipfrac"].mean().item(),
+                "ppo/val/ratio": s["ratio"].mean().item(),
+                "ppo/val/ratio_with_padding": s["ratio_with_padding"].mean().item(),
+                "ppo/val/ratio_var": s["ratio"].var().item() if s["ratio"].numel() > 1 else 0.0,
+            })
+            episodes_per_second = (episode - start_episode) / (time.time() - start_time)
+            metrics.update({"ppo/lr": lrnow, "ppo/episode": episode, "ppo/eps": int(episodes_per_second),
+                            "time/episodes_per_second": episodes_per_second, "time/peak_memory_gib": peak_memory_gib()})
+        logger.log(metrics, episode)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                             ratio=f"{metrics['check/ratio_first_minibatch']:.4f}")
+
+        if args.save_every > 0 and update % args.save_every == 0 and update < derived.num_updates:
+            metrics_lines = 0
+            if accelerator.is_main_process:
+                with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+                    metrics_lines = sum(1 for _ in f)
+            save_training_state(accelerator, args.output_dir, {
+                "update": update, "episode": episode, "data_position": data_position, "metrics_lines": metrics_lines,
+                "run_name": run_name, "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
+            })
+    progress.close()
+
+    # ---- save the policy as a standard Hugging Face folder [N+ 1.D.26]
+    accelerator.wait_for_everyone()
+    policy = unwrapped.policy
+    policy.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        # the saved generation config stops at EOS (what users of the checkpoint expect) with the eval sampling;
+        # written over the one save_pretrained wrote, so the in-memory policy keeps sampling exactly R tokens
+        saved_config = sampling_config(args.response_length, args.eval_temperature)
+        saved_config.eos_token_id, saved_config.pad_token_id = eos, pad
+        saved_config.save_pretrained(args.output_dir)
+
+    # ---- final evaluation: the tables that the win-rate judge reads [N+ 1.D.25]
+    if args.run_eval:
+        model.eval()
+        for split in args.eval_splits:
+            with accelerator.autocast():
+                df, split_metrics = evaluate(policy, reward_model, tokenizer, dataset[split], args, accelerator,
+                                             eval_config)
+            logger.log({"episodes": episode, **{f"eval/{split}/{k}": v for k, v in split_metrics.items()}}, episode)
+            accelerator.print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in split_metrics.items()))
+            if accelerator.is_main_process:
+                df.to_csv(os.path.join(args.output_dir, f"{split}_table.csv"), index=False)
+                logger.table(f"eval/{split}_query_responses", df)
+    accelerator.print(f"saved {args.output_dir} (peak memory {peak_memory_gib():.2f} GiB)")
+    accelerator.end_training()
+    return policy
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,534 @@
+"""Tests of ppo_tldr.py: the helper math on hand-worked cases, padding and EOS pitfalls on tiny models, and short
+PPO runs on CPU (on-policy ratio, outputs, exact resume, two processes, a score that rises).
+
+Every run uses the tiny models of conftest.py, turned into an SFT -> RM chain the way the earlier stages save it:
+the tokenizer gains `[PAD]`, the RM is `AutoModelForSequenceClassification` (num_labels=1) with `config.reward_bias`.
+"""
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppo_tldr as P
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EOS, PAD = 0, 9  # ids used by the hand-worked cases
+
+# Functions (and the query format) that ppo_tldr.py copies from sft_tldr.py; the copies must stay byte-identical.
+SHARED = ["QUERY_FORMAT", "format_query", "truncated_query_tokens", "left_pad", "right_pad", "response_tokens",
+          "load_splits", "first_true_indices", "truncate_response", "position_ids_from_mask", "trim_padding_columns",
+          "disable_dropout", "forward", "sampling_config", "generate", "Logger", "write_run_info", "seed_everything",
+          "peak_memory_gib"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures: SFT and RM folders built from the conftest tiny models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_chain(base: str, out: str, reward_bias: float = 0.0, zero_score_head: bool = False, eos_bonus: float = 0.0):
+    """SFT folder (pad token added, as sft_tldr.py saves it) and RM folder initialised from it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.config.pad_token_id = tok.pad_token_id
+    if eos_bonus:
+        # Every token shares a large embedding component and EOS a slightly larger one: after the final norm this
+        # is a near-constant bonus of ~5.6 * eos_bonus nats on the EOS logit, so a random policy stops sometimes.
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[:, 0] = 1.0
+            emb[tok.eos_token_id, 0] = 1.0 + eos_bonus
+    sft, rm_dir = os.path.join(out, "sft"), os.path.join(out, "rm")
+    model.save_pretrained(sft)
+    tok.save_pretrained(sft)
+    rm = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    if zero_score_head:
+        torch.nn.init.zeros_(rm.score.weight)
+    rm.config.reward_bias = reward_bias
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    return sft, rm_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: a second intra-op thread only spins (runs were 10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_chain(tiny_model, tmp_path_factory):
+    return make_chain(tiny_model, str(tmp_path_factory.mktemp("llama_chain")), reward_bias=0.25)
+
+
+@pytest.fixture(scope="module")
+def gpt2_chain(tiny_gpt2, tmp_path_factory):
+    return make_chain(tiny_gpt2, str(tmp_path_factory.mktemp("gpt2_chain")), reward_bias=-0.5)
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+SMALL = dict(query_length=64, response_length=12, batch_size=8, local_micro_batch_size=4,
+             local_rollout_forward_batch_size=4, total_episodes=16, validation_probe_size=4, sample_every=1,
+             max_eval_samples=4, local_eval_batch_size=3)
+
+
+def run_ppo(chain, data, output_dir, **overrides) -> list[dict]:
+    """Run main() in this process with tiny settings; returns the metrics.jsonl records."""
+    kwargs = {**SMALL, **overrides}
+    args = P.Args(sft_model_path=chain[0], reward_model_path=chain[1], dataset=data, output_dir=output_dir, **kwargs)
+    reset_accelerate()
+    try:
+        P.main(args)
+    finally:
+        reset_accelerate()
+    return read_metrics(output_dir)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def split_ids(data, split):
+    with open(os.path.join(data, f"{split}.jsonl")) as f:
+        return [json.loads(line)["id"] for line in f]
+
+
+def training_records(records):
+    return [r for r in records if "objective/scores" in r]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The file itself
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sources(path):
+    src = open(path).read()
+    lines = src.splitlines(keepends=True)
+    out = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            out[node.name] = "".join(lines[start - 1 : node.end_lineno])
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = "".join(lines[node.lineno - 1 : node.end_lineno])
+    return out
+
+
+def test_shared_helpers_are_verbatim_copies_of_sft():
+    ppo, sft = _sources(os.path.join(ROOT, "ppo_tldr.py")), _sources(os.path.join(ROOT, "sft_tldr.py"))
+    for name in SHARED:
+        assert name in ppo, f"{name} missing from ppo_tldr.py"
+        assert ppo[name] == sft[name], f"{name} differs from its copy in sft_tldr.py"
+
+
+def test_help_renders_and_every_flag_is_read(capsys):
+    import tyro
+
+    with pytest.raises(SystemExit) as exit_info:
+        tyro.cli(P.Args, args=["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    code = open(os.path.join(ROOT, "ppo_tldr.py")).read()
+    for field in dataclasses.fields(P.Args):
+        assert field.name.replace("_", "-") in help_text or field.name in help_text, field.name
+        assert re.search(rf"args\.{field.name}\b", code), f"--{field.name} is never read"
+
+
+def test_derive_checks_the_batch_arithmetic():
+    args = P.Args(sft_model_path="a", reward_model_path="b", batch_size=8, local_micro_batch_size=3)
+    with pytest.raises(ValueError, match="local_micro_batch_size"):
+        P.derive(args, 1)
+    args = P.Args(sft_model_path="a", reward_model_path="b", batch_size=8, local_micro_batch_size=4,
+                  missing_eos_penalty=1.0)
+    with pytest.raises(ValueError, match="missing-EOS"):
+        P.derive(args, 1)
+    d = P.derive(P.Args(sft_model_path="a", reward_model_path="b"), 8)  # the paper's 1B setting on 8 GPUs
+    sizes = (d.local_batch_size, d.local_mini_batch_size, d.gradient_accumulation_steps, d.num_updates)
+    assert sizes == (64, 64, 4, 1953)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helper math on hand-worked cases
+# ---------------------------------------------------------------------------------------------------------
+
+# Four responses of R=5 tokens: EOS in the middle, EOS last, no EOS, EOS first.
+RAW = torch.tensor([[5, 6, EOS, 7, 8],
+                    [5, 6, 7, 8, EOS],
+                    [5, 6, 7, 8, 4],
+                    [EOS, 5, 6, 7, 8]])
+
+
+def test_first_true_indices_and_truncate_response():
+    assert P.first_true_indices(torch.tensor([[False, True, True], [False, False, False]])).tolist() == [1, 3]
+    assert P.truncate_response(RAW, EOS, PAD).tolist() == [[5, 6, EOS, PAD, PAD],
+                                                           [5, 6, 7, 8, EOS],
+                                                           [5, 6, 7, 8, 4],
+                                                           [EOS, PAD, PAD, PAD, PAD]]
+
+
+def test_masks_and_score_placement_hand_worked():
+    post = P.truncate_response(RAW, EOS, PAD)
+    seq, padding_mask, padding_mask_p1 = P.response_masks(post, PAD)
+    assert seq.tolist() == [2, 4, 4, 0]  # EOS index, or the last token when there is none
+    F, T = False, True
+    assert padding_mask.tolist() == [[F, F, F, T, T], [F] * 5, [F] * 5, [F, T, T, T, T]]  # policy: up to EOS
+    assert padding_mask_p1.tolist() == [[F, F, F, F, T], [F] * 5, [F] * 5, [F, F, T, T, T]]  # value: up to EOS+1
+    contain_eos = torch.any(post == EOS, dim=-1)
+    assert contain_eos.tolist() == [True, True, False, True]
+    scores = P.apply_missing_eos_penalty(torch.tensor([2.0, 3.0, 4.0, 5.0]), contain_eos, -1.0, None)
+    assert scores.tolist() == [2.0, 3.0, -1.0, 5.0]
+
+    logprobs = torch.full((4, 5), -1.0).masked_fill(padding_mask, P.INVALID_LOGPROB)
+    ref_logprobs = torch.full((4, 5), -2.0).masked_fill(padding_mask, P.INVALID_LOGPROB)
+    kl = P.kl_penalty(logprobs, ref_logprobs, "k1")
+    assert kl.tolist() == (~padding_mask).float().tolist()  # 1 on real tokens, exactly 0 on padding
+    rewards, non_score = P.compute_rewards(kl, scores, seq, kl_coef=0.1, score_at="eos_p1")
+    assert torch.equal(non_score, -0.1 * kl)
+    expected = -0.1 * kl
+    expected[0, 3] += 2.0   # after EOS
+    expected[1, 4] += 3.0   # EOS is the last token: at it
+    expected[2, 4] += -1.0  # no EOS: the penalty at the last token
+    expected[3, 1] += 5.0   # EOS first: after it
+    assert torch.allclose(rewards, expected)
+    rewards_eos, _ = P.compute_rewards(kl, scores, seq, kl_coef=0.1, score_at="eos")
+    assert [int(rewards_eos[i].argmax()) for i in (0, 1, 3)] == [2, 4, 0]
+
+
+class PositionReward(torch.nn.Module):
+    """A fake reward model whose output at every position is that position's index."""
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return torch.arange(input_ids.shape[1], dtype=torch.float).expand(input_ids.shape[0], -1)
+
+
+def test_get_score_reads_the_eos_token_of_left_padded_queries():
+    queries = torch.tensor([[PAD, 3, 3], [3, 3, 3]])
+    post = P.truncate_response(RAW[:2], EOS, PAD)
+    score = P.get_score(PositionReward(), torch.cat((queries, post), 1), PAD, context_length=3)
+    assert score.tolist() == [3 + 2, 3 + 4]  # context + EOS index
+
+
+def test_missing_eos_penalty_variants():
+    scores, has_eos = torch.tensor([0.5, 0.7]), torch.tensor([True, False])
+    assert P.apply_missing_eos_penalty(scores, has_eos, -1.0, None).tolist() == [0.5, -1.0]  # N+: replace
+    assert torch.allclose(P.apply_missing_eos_penalty(scores, has_eos, None, 1.0), torch.tensor([0.5, -0.3]))  # TRL
+    assert P.apply_missing_eos_penalty(scores, has_eos, None, None).tolist() == scores.tolist()
+
+
+def test_masked_statistics():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    m = torch.tensor([True, True, True, False])
+    assert P.masked_mean(x, m).item() == 2.0
+    assert math.isclose(P.masked_var(x, m, unbiased=False).item(), 2 / 3, rel_tol=1e-6)
+    assert math.isclose(P.masked_var(x, m).item(), 1.0, rel_tol=1e-6)
+    assert P.masked_mean(x, torch.zeros(4, dtype=torch.bool)).item() == 0.0  # empty: 0, not NaN
+    with pytest.raises(ValueError, match="empty"):
+        P.masked_var(x, torch.zeros(4, dtype=torch.bool))
+    one = torch.tensor([True, False, False, False])
+    with pytest.raises(ValueError, match="one value"):
+        P.masked_var(x, one)
+    assert P.masked_var(x, one, unbiased=False).item() == 0.0
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 7, generator=g) * 3 + 5
+    mask = torch.rand(6, 7, generator=g) > 0.3
+    w = P.masked_whiten(values, mask)
+    assert abs(w[mask].mean().item()) < 1e-5
+    assert abs(w[mask].var(unbiased=False).item() - 1) < 1e-4  # biased variance, as the reference
+    kept = P.masked_whiten(values, mask, shift_mean=False)
+    assert abs(kept[mask].mean().item() - values[mask].mean().item()) < 1e-4
+
+
+def test_gae_matches_a_slow_reference_loop():
+    adv, ret = P.compute_gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5]]))
+    assert torch.allclose(ret, torch.tensor([[0.625, 0.75, 1.0]]))
+
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
+    gamma, lam = 0.9, 0.8
+    adv, ret = P.compute_gae(rewards, values, gamma, lam)
+    for b in range(3):
+        for t in range(9):  # A_t = sum_l (gamma lam)^l delta_{t+l}
+            slow = 0.0
+            for k in range(t, 9):
+                next_value = values[b, k + 1].item() if k + 1 < 9 else 0.0
+                delta = rewards[b, k].item() + gamma * next_value - values[b, k].item()
+                slow += (gamma * lam) ** (k - t) * delta
+            assert math.isclose(adv[b, t].item(), slow, rel_tol=1e-5, abs_tol=1e-5)
+    assert torch.allclose(ret, adv + values)
+
+
+def test_kl_estimators_and_zero_kl_on_padding():
+    lp = torch.tensor([-1.0, -2.0, P.INVALID_LOGPROB])
+    ref = torch.tensor([-1.5, -1.0, P.INVALID_LOGPROB])
+    assert torch.allclose(P.kl_penalty(lp, ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
+    k3 = P.kl_penalty(lp, ref, "k3")
+    assert torch.allclose(k3, torch.tensor([math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1, 0.0]))
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError):
+        P.kl_penalty(lp, ref, "k2")
+
+
+def test_policy_and_value_clipping_hand_worked():
+    mask = torch.tensor([[True, True, False]])
+    new = torch.log(torch.tensor([[1.5, 1.5, 7.0]]))
+    old = torch.zeros(1, 3)
+    loss, ratio, clipped = P.policy_loss(new, old, torch.tensor([[1.0, -1.0, 5.0]]), mask, cliprange=0.2)
+    # A=+1, ratio 1.5: max(-1.5, -1.2) = -1.2 (clipped); A=-1: max(1.5, 1.2) = 1.5 (not clipped); the pad is ignored
+    assert math.isclose(loss.item(), (-1.2 + 1.5) / 2, rel_tol=1e-6)
+    assert clipped[0, :2].tolist() == [True, False]
+    assert torch.allclose(ratio[0, :2], torch.tensor([1.5, 1.5]))
+
+    vpred = torch.tensor([[1.0, 0.0, 1.0]])
+    old_v = torch.tensor([[0.5, 0.5, 0.5]])
+    returns = torch.tensor([[0.0, 1.0, 1.0]])
+    loss, clipped = P.value_loss(vpred, old_v, returns, torch.ones(1, 3, dtype=torch.bool), cliprange_value=0.2)
+    # unclipped error larger in the first two; clipping to 0.7 costs 0.09 in the third
+    assert math.isclose(loss.item(), 0.5 * (1.0 + 1.0 + 0.09) / 3, rel_tol=1e-5)
+    assert clipped.tolist() == [[False, False, True]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Padding and EOS pitfalls on tiny models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _queries(tok, n=4):
+    from conftest import sft_rows
+
+    return [P.truncated_query_tokens(tok, row, 200) for row in sft_rows(n, 7)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padding_gives_identical_logprobs(arch, llama_chain, gpt2_chain):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft = (llama_chain if arch == "llama" else gpt2_chain)[0]
+    tok = AutoTokenizer.from_pretrained(sft)
+    model = AutoModelForCausalLM.from_pretrained(sft).eval()
+    pad, T = tok.pad_token_id, 0.7
+    qs = _queries(tok)
+    width = max(map(len, qs)) + 3  # every row is left-padded, even the longest
+    queries = torch.tensor([P.left_pad(q, width, pad) for q in qs])
+    torch.manual_seed(0)
+    model.generation_config = P.sampling_config(10, T)
+    responses, gen_logprobs = P.generate_with_logprobs(model, queries, pad, model.generation_config, 10)
+    with torch.no_grad():
+        logits = P.forward(model, torch.cat((queries, responses), 1), pad).logits[:, width - 1 : -1]
+        padded = P.response_logprobs(logits, responses, T)
+        for i, q in enumerate(qs):
+            alone = torch.cat((torch.tensor([q]), responses[i : i + 1]), 1)
+            logits = P.forward(model, alone, pad).logits[:, len(q) - 1 : -1]
+            single = P.response_logprobs(logits, responses[i : i + 1], T)
+            assert torch.allclose(single, padded[i : i + 1], atol=1e-5), f"row {i}: left padding changed log-probs"
+        # the generation's own log-probs (the rollout's old log-probs) agree with the training forward
+        real = P.first_true_indices(responses == pad).unsqueeze(1) > torch.arange(10)
+        assert (torch.where(real, (gen_logprobs - padded).abs(), 0.0) < 1e-4).all()
+        if arch == "gpt2":  # absolute positions: the reference's forward (no position_ids) is not padding-invariant
+            mask = torch.cat((queries, responses), 1) != pad
+            no_pos = model(input_ids=torch.cat((queries, responses), 1), attention_mask=mask).logits[:, width - 1 : -1]
+            assert (P.response_logprobs(no_pos, responses, T) - padded).abs().max() > 1e-3
+
+
+def test_eos_can_be_sampled_by_a_rollout(llama_chain):
+    """transformers#42762: min_new_tokens plus an EOS id restored from the model's config bans EOS; ours must not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(llama_chain[0])
+    model = AutoModelForCausalLM.from_pretrained(llama_chain[0]).eval()
+    assert model.generation_config.eos_token_id == tok.eos_token_id  # the checkpoint's config names EOS
+    boost = torch.zeros(model.config.vocab_size)
+    boost[tok.eos_token_id] = 8.0  # make EOS the likeliest token, ~85% per step
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + boost)
+    pad = tok.pad_token_id
+    qs = _queries(tok, 6)
+    queries = torch.tensor([P.left_pad(q, max(map(len, qs)), pad) for q in qs])
+    args = P.Args(sft_model_path="", reward_model_path="", response_length=12)
+
+    torch.manual_seed(0)
+    reference_style = GenerationConfig(max_new_tokens=12, min_new_tokens=12, temperature=0.7 + 1e-7, top_k=0,
+                                       top_p=1.0, do_sample=True)
+    banned, _ = P.generate_with_logprobs(model, queries, pad, reference_style, 12)
+    assert not (banned == tok.eos_token_id).any()  # the pitfall: EOS never appears
+
+    model.generation_config = P.sampling_config(args.response_length, args.temperature)  # as main() does
+    responses, logprobs = P.generate_with_logprobs(model, queries, pad, P.rollout_generation_config(args, tok, 0.7), 12)
+    assert responses.shape == (6, 12)  # always exactly response_length tokens
+    assert (responses == tok.eos_token_id).any(dim=1).all()
+    assert torch.isfinite(logprobs).all()
+
+
+def test_tokenizer_chain_is_checked(llama_chain, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = P.load_chain_tokenizer(*llama_chain)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    no_pad = AutoTokenizer.from_pretrained(llama_chain[0])
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "no_pad")
+    with pytest.raises(ValueError, match="distinct pad"):
+        P.load_chain_tokenizer(llama_chain[0], str(tmp_path / "no_pad"))
+    other = AutoTokenizer.from_pretrained(llama_chain[0])
+    other.add_special_tokens({"pad_token": "[PAD2]"})
+    other.save_pretrained(tmp_path / "other_pad")
+    with pytest.raises(ValueError, match="differ"):
+        P.load_chain_tokenizer(llama_chain[0], str(tmp_path / "other_pad"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PPO runs on CPU
+# ---------------------------------------------------------------------------------------------------------
+
+NPLUS_METRICS = [
+    "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/score_total", "objective/scores",
+    "objective/validation_score", "ppo/policy/approxkl_avg", "ppo/policy/clipfrac_avg", "ppo/policy/entropy_avg",
+    "ppo/loss/policy_avg", "ppo/loss/value_avg", "ppo/val/clipfrac_avg", "ppo/val/ratio", "ppo/val/ratio_var",
+    "ppo/val/num_eos_tokens", "ppo/lr", "ppo/episode", "ppo/eps",
+    "objective/entropy_with_padding", "time/generation", "time/scoring", "time/training",
+    "time/episodes_per_second", "time/peak_memory_gib",
+]
+
+
+def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_data, tmp_path):
+    """GPT-2 (absolute positions) with left-padded queries of different lengths: the first minibatch of the first
+    epoch must see ratio 1 and approxkl ~0, i.e. the rollout's log-probs equal the training forward's."""
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path / "run")
+    records = run_ppo(gpt2_chain, sft_data, out, total_episodes=24)
+    train = training_records(records)
+    assert len(train) == 3
+    for u, r in enumerate(train, start=1):
+        assert abs(r["check/ratio_first_minibatch"] - 1) < 1e-5
+        assert r["check/approxkl_first_minibatch"] < 1e-10
+        assert r["check/max_abs_logprob_diff_first_minibatch"] < 1e-4
+        assert math.isclose(r["ppo/lr"], 3e-6 * (1 - (u - 1) / 3), rel_tol=1e-9)  # linear annealing per update
+        assert r["episodes"] == r["ppo/episode"] == 8 * u
+        missing = [k for k in NPLUS_METRICS if k not in r]
+        assert not missing, missing
+        assert all(math.isfinite(v) for v in r.values())
+        assert -1.0 <= r["objective/scores"] and r["objective/entropy"] >= 0
+    assert all("episodes" in r for r in records)
+
+    for split in ("validation", "test"):
+        df = pd.read_csv(os.path.join(out, f"{split}_table.csv"), keep_default_na=False)
+        assert list(df.columns) == ["id", "query", "response", "reference", "score", "reference_score"]
+        assert len(df) == 4 and df["query"].str.startswith("SUBREDDIT: r/").all()
+        assert df["id"].tolist() == split_ids(sft_data, split)[:4]  # rows in dataset order, ids for the judge
+        assert any(r.get(f"eval/{split}/score") is not None for r in records)
+    assert len(pd.read_csv(os.path.join(out, "samples", "update_000001.csv"))) == 4
+    policy = AutoModelForCausalLM.from_pretrained(out)  # a standard folder, with tokenizer and generation config
+    tok = AutoTokenizer.from_pretrained(out)
+    assert policy.generation_config.eos_token_id == tok.eos_token_id and tok.pad_token_id != tok.eos_token_id
+    info = json.load(open(os.path.join(out, "run_info.json")))
+    assert info["derived"]["gradient_accumulation_steps"] == 2
+
+
+def test_resumed_run_equals_an_uninterrupted_one(llama_chain, sft_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    common = dict(total_episodes=32, save_every=2, run_eval=True, max_eval_samples=3)
+    full = run_ppo(llama_chain, sft_data, str(tmp_path / "full"), **common)
+
+    class Preempted(Exception):
+        pass
+
+    original = P.prompt_indices
+
+    def preempt_in_update_4(num_rows, seed, start, count):
+        if start == 3 * count:  # update 3 was logged after the state of update 2: the resumed run must drop it
+            raise Preempted
+        return original(num_rows, seed, start, count)
+
+    monkeypatch.setattr(P, "prompt_indices", preempt_in_update_4)
+    with pytest.raises(Preempted):
+        run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), **common)
+    monkeypatch.setattr(P, "prompt_indices", original)
+    assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["update_000002"]
+    assert len(read_metrics(str(tmp_path / "resumed"))) == 3
+    resumed = run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), resume=True, **common)
+
+    def strip(records):  # wall-clock numbers differ; everything else must be bit-identical
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "ppo/eps"} for r in records]
+
+    assert len(full) == len(resumed) == 4 + 2  # no update logged twice
+    assert strip(full) == strip(resumed)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="cannot resume"):
+        run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), resume=True, **{**common, "kl_coef": 0.1})
+
+
+def test_two_process_run_gathers_sane_metrics(llama_chain, sft_data, tmp_path):
+    """torchrun with two CPU processes (gloo); options off the default path are switched on."""
+    import pandas as pd
+
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "ppo_tldr.py"),
+           "--sft_model_path", llama_chain[0], "--reward_model_path", llama_chain[1], "--dataset", sft_data,
+           "--output_dir", out, "--query_length", "64", "--response_length", "12", "--batch_size", "16",
+           "--local_micro_batch_size", "4", "--local_rollout_forward_batch_size", "4", "--total_episodes", "32",
+           "--validation_probe_size", "4", "--sample_every", "1", "--max_eval_samples", "5",
+           "--local_eval_batch_size", "2", "--eval_splits", "validation", "--save_every", "1",
+           "--stop_generation_at_eos", "--kl_estimator", "k3", "--whiten_rewards",
+           "--penalty_reward_value", "None", "--missing_eos_penalty", "1.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(out)
+    train = training_records(records)
+    assert [r["episodes"] for r in train] == [16, 32]
+    for r in train:
+        assert all(math.isfinite(v) for v in r.values())
+        assert abs(r["check/ratio_first_minibatch"] - 1) < 1e-5 and r["check/approxkl_first_minibatch"] < 1e-10
+        assert 0 <= r["objective/eos_fraction"] <= 1 and r["ppo/policy/clipfrac_avg"] <= 1
+        assert r["objective/kl"] >= 0  # k3 is non-negative
+    info = json.load(open(os.path.join(out, "run_info.json")))
+    assert info["derived"]["world_size"] == 2 and info["derived"]["gradient_accumulation_steps"] == 2
+    df = pd.read_csv(os.path.join(out, "validation_table.csv"), keep_default_na=False)
+    # gathered from both ranks in dataset order, the padding duplicates of the last batch dropped
+    assert df["id"].tolist() == split_ids(sft_data, "validation")[:5]
+    probe = pd.read_csv(os.path.join(out, "samples", "update_000001.csv"), keep_default_na=False)
+    assert probe["id"].tolist() == split_ids(sft_data, "validation")[:4]  # 2 probe queries per rank
+    ckpt = os.path.join(out, "checkpoints", "update_000001")
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(os.listdir(ckpt))
+
+
+def test_score_rises_with_a_toy_reward_model(tiny_model, sft_data, tmp_path):
+    """The RM gives +1 to any response with EOS, -1 (the missing-EOS penalty) otherwise: the policy must learn to
+    stop. The tiny random policy starts with an EOS in roughly a quarter of its responses."""
+    chain = make_chain(tiny_model, str(tmp_path / "chain"), reward_bias=-1.0, zero_score_head=True, eos_bonus=0.3)
+    records = training_records(run_ppo(
+        chain, sft_data, str(tmp_path / "learn"), response_length=16, batch_size=16, local_micro_batch_size=16,
+        local_rollout_forward_batch_size=16, total_episodes=16 * 12, learning_rate=3e-3, validation_probe_size=2,
+        sample_every=0, run_eval=False))
+    scores = [r["objective/scores"] for r in records]
+    eos = [r["objective/eos_fraction"] for r in records]
+    assert scores[0] < 0.2, scores  # mostly no EOS at the start
+    assert sum(scores[-3:]) / 3 > sum(scores[:2]) / 2 + 0.5, scores
+    assert sum(eos[-3:]) / 3 > 0.75, eos
