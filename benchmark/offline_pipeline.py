@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 
 import tldr_synth  # noqa: E402
 
-STAGES = ("data", "model", "base", "sft", "rm", "ppo", "report")
+STAGES = ("model", "data", "base", "sft", "rm", "ppo", "report")
 
 
 def parse_args(argv=None):
@@ -43,15 +43,15 @@ def parse_args(argv=None):
     p.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic corpus")
     p.add_argument("--seed", type=int, default=44413, help="training seed passed to every stage")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
-    p.add_argument("--eval_samples", type=int, default=64, help="validation prompts evaluated by SFT, RM and PPO")
-    p.add_argument("--sft_episodes", type=int, default=256, help="SFT training sequences")
+    p.add_argument("--eval_samples", type=int, default=32, help="validation prompts evaluated by SFT, RM and PPO")
+    p.add_argument("--sft_episodes", type=int, default=128, help="SFT training sequences")
     p.add_argument("--sft_batch", type=int, default=16, help="SFT global batch")
     p.add_argument("--sft_lr", type=float, default=5e-5, help="SFT learning rate (the paper's 3e-6 needs 900 updates)")
-    p.add_argument("--rm_episodes", type=int, default=256, help="RM training pairs")
+    p.add_argument("--rm_episodes", type=int, default=96, help="RM training pairs")
     p.add_argument("--rm_batch", type=int, default=16, help="RM global batch")
     p.add_argument("--rm_lr", type=float, default=3e-5, help="RM learning rate")
-    p.add_argument("--rm_eval_samples", type=int, default=200, help="RM validation pairs")
-    p.add_argument("--ppo_episodes", type=int, default=64, help="PPO episodes (rollouts)")
+    p.add_argument("--rm_eval_samples", type=int, default=100, help="RM validation pairs")
+    p.add_argument("--ppo_episodes", type=int, default=32, help="PPO episodes (rollouts)")
     p.add_argument("--ppo_batch", type=int, default=8, help="PPO rollouts per update")
     p.add_argument("--ppo_lr", type=float, default=1e-5, help="PPO learning rate")
     p.add_argument("--ppo_kl_coef", type=float, default=0.05, help="PPO KL coefficient (paper 0.05)")
@@ -269,12 +269,11 @@ def main(argv=None) -> None:
             with open(timings_path, "w") as f:
                 json.dump(timings, f, indent=2)
 
-    stage("data", [py, "benchmark/tldr_synth.py", "--out_dir", args.data_dir, "--seed", str(args.data_seed),
-                   "--stats", "--tokenizer", args.model_dir] if os.path.exists(args.model_dir) else
-          [py, "benchmark/tldr_synth.py", "--out_dir", args.data_dir, "--seed", str(args.data_seed)],
-          args.data_dir, "meta.json")
     stage("model", [py, "benchmark/convert_smollm2.py", "--output_dir", args.model_dir], args.model_dir,
           "model.safetensors")
+    # the corpus, with its statistics (token lengths under the SmolLM2 tokenizer, judge sanity, label agreement)
+    stage("data", [py, "benchmark/tldr_synth.py", "--out_dir", args.data_dir, "--seed", str(args.data_seed),
+                   "--stats", "--tokenizer", args.model_dir], args.data_dir, "meta.json")
     # the untrained model on the same prompts: the baseline of the SFT win rate
     stage("base", [py, "sft_tldr.py", "--base_model", args.model_dir, "--dataset", sft_data, "--output_dir",
                    d["base"], "--total_episodes", "0", "--eval_splits", "validation", *common],
@@ -286,7 +285,7 @@ def main(argv=None) -> None:
     stage("rm", [py, "reward_tldr.py", "--sft_model_path", d["sft"], "--dataset", cmp_data, "--sft_dataset", sft_data,
                  "--output_dir", d["rm"], "--total_episodes", str(args.rm_episodes), "--batch_size",
                  str(args.rm_batch), "--learning_rate", str(args.rm_lr), "--seed", str(args.seed),
-                 "--max_eval_samples", str(args.rm_eval_samples), "--normalization_samples", "256"],
+                 "--max_eval_samples", str(args.rm_eval_samples), "--normalization_samples", "32"],
           d["rm"], "model.safetensors")
     stage("ppo", [py, "ppo_tldr.py", "--sft_model_path", d["sft"], "--reward_model_path", d["rm"], "--dataset",
                   sft_data, "--output_dir", d["ppo"], "--total_episodes", str(args.ppo_episodes), "--batch_size",
