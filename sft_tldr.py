@@ -510,7 +510,7 @@ def main(args: Args):
     with accelerator.main_process_first():
         dataset = tokenize_sft(dataset, tokenizer, args)
     for split, ds in dataset.items():
-        cut = sum(ds["reference_response_truncated"])
+        cut = sum(ds["reference_response_truncated"]) if len(ds) else 0  # an empty split gets no new columns
         if cut:
             accelerator.print(f"warning: {cut}/{len(ds)} {split} summaries exceed {args.response_length} tokens and were truncated (EOS lost)")
     if args.preprocess_only:
@@ -530,10 +530,10 @@ def main(args: Args):
         model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
     )  # [N+ 1.B.6]
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(derived.num_updates, 1))
-    train = dataset["train"].with_format("torch", columns=["query_reference_response_token"])
-    # [N+ 1.B.9] one shuffled order for all processes, drawn from the global seed
+    # [N+ 1.B.9] one shuffled order for all processes, drawn from the global seed (no rows: evaluation only)
+    train = dataset["train"].with_format("torch", columns=["query_reference_response_token"]) if derived.num_updates else []
     loader = torch.utils.data.DataLoader(
-        train, batch_size=args.local_micro_batch_size, shuffle=True, drop_last=True,
+        train, batch_size=args.local_micro_batch_size, shuffle=bool(derived.num_updates), drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
     # the scheduler is not prepared: accelerate would step it once per process, and num_updates already

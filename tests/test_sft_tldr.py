@@ -287,3 +287,18 @@ def test_two_processes_match_one_process(tiny_model, sft_data, tmp_path):
     one, two = losses("one"), losses("two")
     assert len(one) == len(two) == 8
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+
+
+def test_zero_episodes_evaluates_the_untrained_model(tiny_model, sft_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "base")
+    model = sft.main(small_args(tiny_model, sft_data, out, total_episodes=0, max_eval_samples=4,
+                                eval_splits=("validation",)))
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert not any("train/sft/loss" in r for r in records)
+    assert any("validation/sft/rougeL" in k for r in records for k in r) or any(
+        "validation/sft/rouge/rougeL" in r for r in records)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(model.eval()(ids).logits, base(ids).logits, rtol=0, atol=0)
