@@ -50,9 +50,13 @@ Launch:
   accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml ppo_tldr.py \
       --sft_model_path runs/sft --reward_model_path runs/rm --local_micro_batch_size 16 --seed 44413   # 8 GPUs, 1B
       # 6.9B: add --local_micro_batch_size 1 --local_rollout_forward_batch_size 4 --offload
-      # preemptible clusters: add --output_dir runs/ppo_44413 --save_every 50 --resume (resumes if a checkpoint exists)
+      # preemptible clusters: add --output_dir runs/ppo_44413 --save_every 50 --resume (resumes if a state exists)
   python ppo_tldr.py --sft_model_path runs/sft_smoke --reward_model_path runs/rm_smoke --dataset data/tldr_synth/sft \
       --batch_size 8 --local_micro_batch_size 4 --total_episodes 32 --max_eval_samples 8   # tiny CPU run
+
+Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
+newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
+(143/130); a NaN or Inf score, value, log-prob, reward, advantage or loss stops the run at once, naming the quantity, the step and the last good state.
 
 Metrics (appended to <output_dir>/metrics.jsonl; x-axis `episodes` = rollouts so far, in every record; the shared
 Logger also writes the same number as `samples`). Each is a mean over the whole update, gathered across ranks:
@@ -81,8 +85,10 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -128,10 +134,13 @@ class Args:
     """where the policy, metrics.jsonl, tables and checkpoints go; default `runs/{run_name}`"""
     save_every: int = 0
     """write a resumable training state to <output_dir>/checkpoints every N updates; 0 = never (the reference
-    saves only the final policy)"""
+    saves only the final policy). SIGTERM/SIGINT always save one before exiting"""
+    keep_states: int = 2
+    """keep the newest N states (older ones are deleted after each save); 2 leaves a fallback when the newest is
+    found corrupt on resume"""
     resume: bool = False
-    """continue from the newest state in <output_dir>/checkpoints if there is one (else start fresh), so one launch
-    line serves a requeued job; needs --output_dir"""
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh), so
+    one launch line serves a requeued job; needs --output_dir"""
 
     # --- data
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -259,6 +268,8 @@ def derive(args: Args, world_size: int) -> Derived:
         raise ValueError(f"--total_episodes {args.total_episodes} is smaller than --batch_size {args.batch_size}")
     if args.whiten_rewards and local_mini_batch_size < 8:  # the reference's assert [N+ 1.D.16]
         raise ValueError(f"per-process minibatch {local_mini_batch_size} is too small to whiten rewards (need >= 8)")
+    if args.keep_states < 1:
+        raise ValueError(f"--keep_states {args.keep_states}: keep at least the newest state")
     if args.penalty_reward_value is not None and args.missing_eos_penalty is not None:
         raise ValueError("choose one missing-EOS rule: --penalty_reward_value (replace) or --missing_eos_penalty "
                          "(subtract, with --penalty_reward_value None)")
@@ -357,8 +368,19 @@ def load_splits(dataset: str, name: Optional[str] = None):
         if ext in (".jsonl", ".json", ".parquet"):
             if stem in splits:
                 raise ValueError(f"{dataset}: two files for split {stem!r}")
-            builder = "parquet" if ext == ".parquet" else "json"
-            splits[stem] = datasets.load_dataset(builder, data_files=os.path.join(dataset, fname), split="train")
+            builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+            if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+                with open(path, "rb") as f:
+                    for line_number, line in enumerate(f, 1):
+                        try:
+                            line.decode("utf-8")
+                        except UnicodeDecodeError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                             f"{e.start} of the line)") from None
+            try:
+                splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+            except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+                raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
     if not splits:
         raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
     return datasets.DatasetDict(splits)
@@ -820,24 +842,71 @@ def peak_memory_gib() -> float:
 
 # Flags that may change between an interrupted run and its resumption; any other change would alter the run.
 RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
-                     "sample_every", "run_eval", "eval_splits", "local_eval_batch_size", "max_eval_samples"}
+                     "keep_states", "sample_every", "run_eval", "eval_splits", "local_eval_batch_size",
+                     "max_eval_samples"}
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest complete training state under <output_dir>/checkpoints (folders appear only once complete)."""
-    root = os.path.join(output_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("update_")) if os.path.isdir(root) else []
-    return os.path.join(root, names[-1]) if names else None
+# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
+# when complete; the last file written into it is a manifest of every file's size (and a SHA-256 of the small
+# ones), so a state cut short by a crash, a full disk or a copy is recognised and skipped on resume.
+STATE_MANIFEST = "state_manifest.json"
+MANIFEST_HASH_LIMIT = 64 * 2**20  # files up to 64 MiB (metadata, RNG states) are hashed; larger ones size-checked
 
 
-def save_training_state(accelerator, output_dir: str, state: dict) -> None:
-    """Write policy, value model, optimizer and every process's RNG states (accelerate's `save_state`, which also
-    handles DeepSpeed's partitioned optimizer) plus `trainer_state.json` (update, episode, data position, metrics
-    lines, args) into checkpoints/update_N. Written into a temporary folder and renamed when complete, so a crash
-    never leaves a half state; older states are then deleted."""
-    root = os.path.join(output_dir, "checkpoints")
-    final = os.path.join(root, f"update_{state['update']:06d}")
-    tmp = final + ".tmp"
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_problem(folder: str) -> Optional[str]:
+    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
+    unreadable trainer_state.json), or None when it is complete."""
+    try:
+        with open(os.path.join(folder, STATE_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
+    for name, entry in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != entry["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    return None
+
+
+def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
+    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
+    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    skipped = []
+    for name in reversed(names):
+        folder = os.path.join(root, name)
+        problem = state_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
+    return None, skipped
+
+
+def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
+    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
+    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
+    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
+    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
+    root, tmp = os.path.dirname(folder), folder + ".tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -847,11 +916,111 @@ def save_training_state(accelerator, output_dir: str, state: dict) -> None:
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
-        os.replace(tmp, final)
-        for name in os.listdir(root):
-            if name != os.path.basename(final):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
+                if entry["size"] <= MANIFEST_HASH_LIMIT:
+                    entry["sha256"] = file_sha256(path)
+        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
+            json.dump({"files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
+        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
+    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
+    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
+    the main thread (where Python cannot install handlers) nothing is installed."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
+    """The signal name if any process received one (processes must agree: they all take part in the save)."""
+    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
+    if accelerator.gather(flag).max().item() == 0:
+        return None
+    return stop.received or "a stop signal (on another process)"
+
+
+def check_finite(quantities: dict, where: str, last_state: Optional[str]) -> None:
+    """Stop at the first NaN or infinite value: a diverged run would otherwise keep training on garbage for hours.
+    Raises FloatingPointError naming the quantity, where it appeared and the last good state to resume from."""
+    for name, value in quantities.items():
+        value = torch.as_tensor(value).detach()
+        if not torch.isfinite(value).all():
+            n_nan, n_inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise FloatingPointError(
+                f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values; nothing after the last good "
+                f"state was saved. Last good state: {last_state or 'none (set --save_every to keep states)'}")
+
+
+def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
+    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
+    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
+    of processes differs from the interrupted run's: the continuation would silently be another run."""
+    if not args.resume:
+        return None, None
+    if not args.output_dir:
+        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
+    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
+    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
+        print_fn(message)
+    if folder is None:
+        return None, None
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    changed = sorted(k for k, v in asdict(args).items()
+                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
+    if changed or state["world_size"] != world_size:
+        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
+                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
+    return folder, state
+
+
+def cut_metrics(output_dir: str, lines: int) -> None:
+    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
+    logged again by the resumed run."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        kept = f.readlines()[:lines]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -860,7 +1029,13 @@ def save_training_state(accelerator, output_dir: str, state: dict) -> None:
 
 
 def main(args: Args):
-    """Run the stage; returns the trained policy."""
+    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the trained policy."""
+    with StopOnSignal() as stop:
+        return train_ppo(args, stop)
+
+
+def train_ppo(args: Args, stop: StopOnSignal):
+    """The stage itself; `stop.received` is read once per update."""
     import pandas as pd
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
@@ -875,8 +1050,6 @@ def main(args: Args):
     derived = derive(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
     device = accelerator.device
-    if args.resume and not args.output_dir:
-        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if args.offload and deepspeed_plugin is None:
         raise ValueError("--offload needs a DeepSpeed launch (accelerate launch --config_file ...deepspeed...yaml)")
@@ -885,16 +1058,7 @@ def main(args: Args):
                          "6.9B recipe use the ZeRO-2 config with --offload, which shards the frozen models in ZeRO-3")
 
     # ---- resume: read the saved state first, so the run keeps its name, folder and position
-    checkpoint = latest_checkpoint(args.output_dir) if args.resume else None
-    resumed = None
-    if checkpoint is not None:
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            resumed = json.load(f)
-        changed = sorted(k for k, v in asdict(args).items()
-                         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(v)) != resumed["args"].get(k))
-        if changed or resumed["world_size"] != derived.world_size:
-            raise ValueError(f"cannot resume {checkpoint}: flags {changed} or the number of processes "
-                             f"({resumed['world_size']} -> {derived.world_size}) differ from the interrupted run")
+    checkpoint, resumed = resume_state(args, derived.world_size, RESUMABLE_CHANGES, accelerator.print)
     run_name = [resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # one name on every rank, also when their clocks tick apart
     run_name = run_name[0]
@@ -999,12 +1163,9 @@ def main(args: Args):
         accelerator.load_state(checkpoint)  # weights, optimizer and this rank's RNG states
         start_update, episode, data_position = resumed["update"] + 1, resumed["episode"], resumed["data_position"]
         if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
-            path = os.path.join(args.output_dir, "metrics.jsonl")
-            with open(path) as f:
-                kept = f.readlines()[: resumed["metrics_lines"]]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            cut_metrics(args.output_dir, resumed["metrics_lines"])
         accelerator.print(f"resumed from {checkpoint} at update {start_update}, episode {episode}")
+    last_state = checkpoint  # the newest good state on disk, named when the run diverges
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
     accelerator.print(
         f"{derived.num_updates} updates x {args.batch_size} rollouts; per process {derived.local_batch_size} = "
@@ -1122,6 +1283,10 @@ def main(args: Args):
             if args.whiten_advantages:
                 advantages = masked_whiten(advantages, ~padding_mask)
             advantages = torch.masked_fill(advantages, padding_mask, 0)
+            # divergence: stop before any optimizer step of this update, so no saved state holds a NaN
+            check_finite({"objective/scores": scores, "values": values, "logprobs": logprobs,
+                          "ref_logprobs": ref_logprobs, "rewards": rewards, "advantages": advantages,
+                          "returns": returns}, f"update {update} (episode {episode}), rollouts", last_state)
 
         # ---- 11. PPO epochs, a fresh shuffle each; one optimizer step per minibatch [N+ 1.D.19]
         t0 = time.time()
@@ -1150,6 +1315,9 @@ def main(args: Args):
                                                                  ~mb_padding_mask, args.cliprange)
                         # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
                         loss = pg_loss + args.vf_coef * vf_loss
+                        check_finite({"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss},
+                                     f"update {update} (episode {episode}), PPO epoch {ppo_epoch_idx}, minibatch "
+                                     f"{minibatch_idx}, micro-batch {ga_idx}", last_state)
                         accelerator.backward(loss)
                         if args.max_grad_norm is not None and accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -1221,16 +1389,25 @@ def main(args: Args):
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
                              ratio=f"{metrics['check/ratio_first_minibatch']:.4f}")
 
-        if args.save_every > 0 and update % args.save_every == 0 and update < derived.num_updates:
-            metrics_lines = 0
-            if accelerator.is_main_process:
-                with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
-                    metrics_lines = sum(1 for _ in f)
-            save_training_state(accelerator, args.output_dir, {
+        # ---- safe point: a resumable state every --save_every updates, and on SIGTERM/SIGINT before exiting
+        signal_name = stop_signal_received(accelerator, stop)
+        periodic = args.save_every > 0 and update % args.save_every == 0
+        if update < derived.num_updates and (periodic or signal_name):
+            metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+            metrics_lines = count_lines(metrics_path) if accelerator.is_main_process else 0
+            last_state = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
+            save_state_atomic(accelerator, last_state, {
                 "update": update, "episode": episode, "data_position": data_position, "metrics_lines": metrics_lines,
                 "run_name": run_name, "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
-            })
+            }, args.keep_states)
+        if signal_name and update < derived.num_updates:
+            progress.close()
+            accelerator.print(f"received {signal_name}: saved the state of update {update} (episode {episode}) "
+                              f"in {last_state}; run the same command with --resume to continue")
+            accelerator.end_training()
+            raise SystemExit(143 if signal_name == "SIGTERM" else 130)
     progress.close()
+    stop.restore()  # the final save and evaluation are not resumable: from here a signal acts as usual
 
     # ---- save the policy as a standard Hugging Face folder [N+ 1.D.26]
     accelerator.wait_for_everyone()

@@ -60,6 +60,10 @@ Launch:
       --normalization_samples 64 --output_dir runs/rm_smoke                      # tiny CPU run
   python reward_tldr.py --sft_model_path runs/rm --total_episodes 0      # re-evaluate a reward checkpoint (reward_eval)
 
+Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
+newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
+(143/130); a NaN or Inf reward or loss stops the run at once, naming the quantity, the step and the last good state.
+
 Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training pairs seen):
   train/rm/{loss,accuracy,chosen_rewards,rejected_rewards,lr}  per optimizer step: mean over the grad-accum window
                                                                and all processes; lr: the LR that step used
@@ -85,8 +89,11 @@ import math
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -117,6 +124,14 @@ class Args:
     """Weights & Biases entity (team); None means your default entity"""
     output_dir: Optional[str] = None
     """where the checkpoint, metrics.jsonl and tables go; default `runs/{run_name}`"""
+    save_every: int = 0
+    """write a resumable training state to <output_dir>/checkpoints every N optimizer steps; 0 = never.
+    SIGTERM/SIGINT always save one before exiting"""
+    keep_states: int = 2
+    """keep the newest N states; 2 leaves a fallback when the newest is found corrupt on resume"""
+    resume: bool = False
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh);
+    needs --output_dir"""
 
     # --- model and data
     sft_model_path: str = tyro.MISSING
@@ -288,8 +303,19 @@ def load_splits(dataset: str, name: Optional[str] = None):
         if ext in (".jsonl", ".json", ".parquet"):
             if stem in splits:
                 raise ValueError(f"{dataset}: two files for split {stem!r}")
-            builder = "parquet" if ext == ".parquet" else "json"
-            splits[stem] = datasets.load_dataset(builder, data_files=os.path.join(dataset, fname), split="train")
+            builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+            if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+                with open(path, "rb") as f:
+                    for line_number, line in enumerate(f, 1):
+                        try:
+                            line.decode("utf-8")
+                        except UnicodeDecodeError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                             f"{e.start} of the line)") from None
+            try:
+                splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+            except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+                raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
     if not splits:
         raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
     return datasets.DatasetDict(splits)
@@ -777,12 +803,205 @@ def accuracy_metrics(df, split: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Resumable training state, stop signals and divergence. Copied verbatim from sft_tldr.py.
+# ---------------------------------------------------------------------------------------------------------
+
+# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
+# when complete; the last file written into it is a manifest of every file's size (and a SHA-256 of the small
+# ones), so a state cut short by a crash, a full disk or a copy is recognised and skipped on resume.
+STATE_MANIFEST = "state_manifest.json"
+MANIFEST_HASH_LIMIT = 64 * 2**20  # files up to 64 MiB (metadata, RNG states) are hashed; larger ones size-checked
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_problem(folder: str) -> Optional[str]:
+    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
+    unreadable trainer_state.json), or None when it is complete."""
+    try:
+        with open(os.path.join(folder, STATE_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
+    for name, entry in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != entry["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    return None
+
+
+def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
+    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
+    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    skipped = []
+    for name in reversed(names):
+        folder = os.path.join(root, name)
+        problem = state_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
+    return None, skipped
+
+
+def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
+    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
+    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
+    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
+    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
+    root, tmp = os.path.dirname(folder), folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
+                if entry["size"] <= MANIFEST_HASH_LIMIT:
+                    entry["sha256"] = file_sha256(path)
+        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
+            json.dump({"files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
+        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
+    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
+    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
+    the main thread (where Python cannot install handlers) nothing is installed."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
+    """The signal name if any process received one (processes must agree: they all take part in the save)."""
+    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
+    if accelerator.gather(flag).max().item() == 0:
+        return None
+    return stop.received or "a stop signal (on another process)"
+
+
+def check_finite(quantities: dict, where: str, last_state: Optional[str]) -> None:
+    """Stop at the first NaN or infinite value: a diverged run would otherwise keep training on garbage for hours.
+    Raises FloatingPointError naming the quantity, where it appeared and the last good state to resume from."""
+    for name, value in quantities.items():
+        value = torch.as_tensor(value).detach()
+        if not torch.isfinite(value).all():
+            n_nan, n_inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise FloatingPointError(
+                f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values; nothing after the last good "
+                f"state was saved. Last good state: {last_state or 'none (set --save_every to keep states)'}")
+
+
+def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
+    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
+    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
+    of processes differs from the interrupted run's: the continuation would silently be another run."""
+    if not args.resume:
+        return None, None
+    if not args.output_dir:
+        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
+    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
+    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
+        print_fn(message)
+    if folder is None:
+        return None, None
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    changed = sorted(k for k, v in asdict(args).items()
+                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
+    if changed or state["world_size"] != world_size:
+        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
+                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
+    return folder, state
+
+
+def cut_metrics(output_dir: str, lines: int) -> None:
+    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
+    logged again by the resumed run."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        kept = f.readlines()[:lines]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
+                     "keep_states", "run_eval", "max_eval_samples", "local_eval_batch_size"}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
-    """Run the stage; returns the Hugging Face reward model (with `config.reward_bias` set)."""
+    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the Hugging Face reward model
+    (with `config.reward_bias` set)."""
+    with StopOnSignal() as stop:
+        return train_reward(args, stop)
+
+
+def train_reward(args: Args, stop: StopOnSignal):
+    """The stage itself; `stop.received` is read once per optimizer step."""
     import datasets
     import pandas as pd
     from accelerate import Accelerator
@@ -817,11 +1036,15 @@ def main(args: Args):
     num_train = int(accelerator.gather(torch.tensor([len(dataset["train"])], device=accelerator.device)).min())
     derived = derive(args, accelerator.num_processes, num_train)
     accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
-    run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]  # one name for all ranks
+    checkpoint, resumed = resume_state(args, derived.world_size, RESUMABLE_CHANGES, accelerator.print)
+    run_name = resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = broadcast_object_list([run_name])[0]  # one name for all ranks
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         write_run_info(args.output_dir, args, derived)
+        if resumed is not None:  # drop what the interrupted run logged after its last state
+            cut_metrics(args.output_dir, resumed["metrics_lines"])
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
     data_metrics = {}
     for split, ds in dataset.items():
@@ -833,7 +1056,8 @@ def main(args: Args):
         if cut:
             accelerator.print(f"warning: {cut}/{len(ds)} {split} pairs have a summary cut to the response length "
                               f"(EOS lost)")
-    logger.log(data_metrics, 0)
+    if resumed is None:  # a resumed run kept these in metrics.jsonl
+        logger.log(data_metrics, 0)
 
     seed_everything(args.seed)  # the head and the data order come from the global seed; nothing here samples
     model = ScalarModel(load_reward_model(args.sft_model_path, tokenizer))
@@ -844,7 +1068,7 @@ def main(args: Args):
     )
 
     # ---- training [N+ 1.C.4-8]
-    samples, train_time = 0, 0.0
+    samples, train_time, update = 0, 0.0, 0  # update: optimizer steps done
     if derived.num_updates:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
@@ -858,17 +1082,31 @@ def main(args: Args):
             generator=torch.Generator().manual_seed(args.seed),  # [N+ 1.C.9] the same permutation on every process
         )
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        accelerator.register_for_checkpointing(scheduler)  # saved and restored with the model and optimizer
+        accuracies = []
+        if resumed is not None:
+            accelerator.load_state(checkpoint)  # weights, optimizer, scheduler and this rank's RNG states
+            update, samples, accuracies = resumed["update"], resumed["samples"], resumed["accuracies"]
+            accelerator.print(f"resumed from {checkpoint} at optimizer step {update + 1}")
+        last_state = checkpoint  # the newest good state on disk, named when the run diverges
         model.train()
-        start, window, accuracies = time.time(), [], []
-        progress = tqdm(total=derived.num_updates, disable=not accelerator.is_local_main_process, desc="reward model")
+        start, window = time.time(), []
+        progress = tqdm(total=derived.num_updates, initial=update, disable=not accelerator.is_local_main_process,
+                        desc="reward model")
         batches = iter(loader)
-        for _ in range(derived.num_updates * derived.gradient_accumulation_steps):
+        for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
+            next(batches)
+        for micro_step in range(update * derived.gradient_accumulation_steps,
+                                derived.num_updates * derived.gradient_accumulation_steps):
             batch = next(batches)
             mask = batch["attention_mask"]
             with accelerator.accumulate(model):
                 # [N+ 1.C.4-5] chosen rows then rejected rows in one forward pass, read at the EOS token
                 chosen, rejected = reward_at_eos(model(batch["input_ids"], mask), mask).chunk(2)  # (B,), (B,)
                 loss = -F.logsigmoid(chosen - rejected).mean()  # [N+ 1.C.6]
+                check_finite({"train/rm/chosen_rewards": chosen, "train/rm/rejected_rewards": rejected,
+                              "train/rm/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})",
+                             last_state)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -877,6 +1115,7 @@ def main(args: Args):
             if accelerator.sync_gradients:
                 lr = scheduler.get_last_lr()[0]  # the LR this update used
                 scheduler.step()  # [N+ 1.C.7] once per optimizer step
+                update += 1
                 samples += args.batch_size
                 # (4,): the window's mean on every process, then over processes [N+ 1.C.12]
                 stats = accelerator.gather(torch.stack(window).mean(0, keepdim=True)).mean(0).tolist()
@@ -887,11 +1126,29 @@ def main(args: Args):
                             "train/rm/lr": lr}, samples)
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.3f}", acc_avg=f"{np.mean(accuracies):.3f}")
+                # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
+                signal_name = stop_signal_received(accelerator, stop)
+                periodic = args.save_every > 0 and update % args.save_every == 0
+                if update < derived.num_updates and (periodic or signal_name):
+                    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+                    last_state = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
+                    save_state_atomic(accelerator, last_state, {
+                        "update": update, "samples": samples, "accuracies": accuracies, "run_name": run_name,
+                        "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
+                        "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
+                    }, args.keep_states)
+                if signal_name and update < derived.num_updates:
+                    progress.close()
+                    accelerator.print(f"received {signal_name}: saved the state of optimizer step {update} in "
+                                      f"{last_state}; run the same command with --resume to continue")
+                    accelerator.end_training()
+                    raise SystemExit(143 if signal_name == "SIGTERM" else 130)
         progress.close()
         train_time = time.time() - start
         accelerator.print(f"trained {samples} pairs in {train_time:.0f}s, mean train accuracy {np.mean(accuracies):.4f}")
     else:  # evaluation only: forward passes need no DDP/DeepSpeed wrapper
         model = model.to(accelerator.device)
+    stop.restore()  # normalisation, evaluation and the final save are not resumable: a signal acts as usual
     model.eval()
     unwrapped = accelerator.unwrap_model(model).model  # the Hugging Face model
 

@@ -33,10 +33,16 @@ Launch:
   python sft_tldr.py --base_model models/smollm2-135m --dataset data/tldr_synth/sft \
       --batch_size 8 --total_episodes 64 --max_eval_samples 16 --output_dir runs/sft_smoke   # tiny CPU run
 
+Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
+newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
+(143/130); a NaN or Inf loss stops the run at once, naming the quantity, the step and the last good state.
+
 Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training sequences seen):
   train/sft/loss, train/sft/lr                      mean token cross-entropy over the grad-accum window, LR
   {validation,test}/sft/loss                        teacher-forced loss on cat(query, reference response)
   {validation,test}/sft/rouge/{rouge1,rouge2,rougeL} ROUGE F-measure of T=0.01 samples against the reference
+  data/{split}/rows, data/{split}/skipped/{reason}  rows used; rows skipped (empty post or summary, see
+                                                    `sft_row_problem`); malformed rows and duplicate ids are errors
 """
 
 import json
@@ -44,8 +50,11 @@ import math
 import os
 import platform
 import random
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -75,6 +84,14 @@ class Args:
     """Weights & Biases entity (team); None means your default entity"""
     output_dir: Optional[str] = None
     """where the checkpoint, metrics.jsonl and tables go; default `runs/{run_name}`"""
+    save_every: int = 0
+    """write a resumable training state to <output_dir>/checkpoints every N optimizer steps; 0 = never.
+    SIGTERM/SIGINT always save one before exiting"""
+    keep_states: int = 2
+    """keep the newest N states; 2 leaves a fallback when the newest is found corrupt on resume"""
+    resume: bool = False
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh);
+    needs --output_dir"""
 
     # --- data
     base_model: str = "EleutherAI/pythia-1b-deduped"
@@ -137,6 +154,8 @@ def derive(args: Args, world_size: int, num_train_rows: int) -> Derived:
         raise ValueError(
             f"--batch_size {args.batch_size} is not a multiple of local_micro_batch_size x processes = {micro_per_step}"
         )
+    if args.keep_states < 1:
+        raise ValueError(f"--keep_states {args.keep_states}: keep at least the newest state")
     total = num_train_rows * args.num_train_epochs if args.total_episodes is None else args.total_episodes
     return Derived(world_size, args.batch_size // micro_per_step, total, total // args.batch_size)
 
@@ -232,8 +251,19 @@ def load_splits(dataset: str, name: Optional[str] = None):
         if ext in (".jsonl", ".json", ".parquet"):
             if stem in splits:
                 raise ValueError(f"{dataset}: two files for split {stem!r}")
-            builder = "parquet" if ext == ".parquet" else "json"
-            splits[stem] = datasets.load_dataset(builder, data_files=os.path.join(dataset, fname), split="train")
+            builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+            if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+                with open(path, "rb") as f:
+                    for line_number, line in enumerate(f, 1):
+                        try:
+                            line.decode("utf-8")
+                        except UnicodeDecodeError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                             f"{e.start} of the line)") from None
+            try:
+                splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+            except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+                raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
     if not splits:
         raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
     return datasets.DatasetDict(splits)
@@ -410,14 +440,41 @@ def peak_memory_gib() -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def sft_row_problem(row: dict, name: str) -> Optional[str]:
+    """Why an SFT row is skipped (None: keep it); a ValueError naming the row when it is malformed.
+
+    Malformed, an error (the data is not in the hub schema): subreddit, title, post or summary not a string (a
+    number, a list, null), an id that is neither a string nor an integer. Skipped, counted and logged (well-formed
+    but nothing to learn from): an empty post ("empty_post") and an empty summary ("empty_summary"), whose reference
+    response would be a bare EOS."""
+    bad = {k: row[k] for k in ("subreddit", "title", "post", "summary") if not isinstance(row[k], str)}
+    if bad or isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise ValueError(f"{name}: id must be a string or an integer and subreddit, title, post, summary strings; "
+                         f"got {({'id': row['id'], **bad})!r:.300}")
+    if not row["post"].strip():
+        return "empty_post"
+    if not row["summary"].strip():
+        return "empty_summary"
+    return None
+
+
 def tokenize_sft(dataset, tokenizer, args: Args):
-    """Add query_token, reference_response_token and query_reference_response_token to every split [N+ 1.A]."""
+    """Add query_token, reference_response_token and query_reference_response_token to every split [N+ 1.A].
+
+    Returns (dataset, skipped): malformed rows and duplicate ids are errors naming the split and row, and rows
+    with an empty post or summary are dropped and counted in skipped[split] by reason (`sft_row_problem`)."""
+    from collections import Counter
+
     pad, Q, R = tokenizer.pad_token_id, args.query_length, args.response_length
     required = ("id", "subreddit", "title", "post", "summary")
     for split, ds in dataset.items():
         missing = [c for c in required if c not in ds.column_names]
         if missing:
             raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
+        repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
+        if repeated:  # the same post twice is a data-preparation error: it would be trained or evaluated twice
+            rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
+            raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
 
     def process(row):
         query = truncated_query_tokens(tokenizer, row, Q)
@@ -434,7 +491,14 @@ def tokenize_sft(dataset, tokenizer, args: Args):
             "query_reference_response_token_len": len(query) + len(response),
         }
 
-    return dataset.map(process, load_from_cache_file=False, desc="tokenizing")
+    skipped = {}
+    for split, ds in dataset.items():
+        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
+        skipped[split] = dict(Counter(r for r in reasons if r))
+        if skipped[split]:
+            ds = ds.select([i for i, r in enumerate(reasons) if not r])
+        dataset[split] = ds.map(process, load_from_cache_file=False, desc=f"tokenizing {split}")
+    return dataset, skipped
 
 
 @torch.no_grad()
@@ -471,12 +535,205 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Resumable training state, stop signals and divergence. Copied verbatim into reward_tldr.py and ppo_tldr.py.
+# ---------------------------------------------------------------------------------------------------------
+
+# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
+# when complete; the last file written into it is a manifest of every file's size (and a SHA-256 of the small
+# ones), so a state cut short by a crash, a full disk or a copy is recognised and skipped on resume.
+STATE_MANIFEST = "state_manifest.json"
+MANIFEST_HASH_LIMIT = 64 * 2**20  # files up to 64 MiB (metadata, RNG states) are hashed; larger ones size-checked
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_problem(folder: str) -> Optional[str]:
+    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
+    unreadable trainer_state.json), or None when it is complete."""
+    try:
+        with open(os.path.join(folder, STATE_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
+    for name, entry in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != entry["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    return None
+
+
+def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
+    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
+    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    skipped = []
+    for name in reversed(names):
+        folder = os.path.join(root, name)
+        problem = state_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
+    return None, skipped
+
+
+def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
+    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
+    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
+    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
+    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
+    root, tmp = os.path.dirname(folder), folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
+                if entry["size"] <= MANIFEST_HASH_LIMIT:
+                    entry["sha256"] = file_sha256(path)
+        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
+            json.dump({"files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
+        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
+    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
+    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
+    the main thread (where Python cannot install handlers) nothing is installed."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
+    """The signal name if any process received one (processes must agree: they all take part in the save)."""
+    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
+    if accelerator.gather(flag).max().item() == 0:
+        return None
+    return stop.received or "a stop signal (on another process)"
+
+
+def check_finite(quantities: dict, where: str, last_state: Optional[str]) -> None:
+    """Stop at the first NaN or infinite value: a diverged run would otherwise keep training on garbage for hours.
+    Raises FloatingPointError naming the quantity, where it appeared and the last good state to resume from."""
+    for name, value in quantities.items():
+        value = torch.as_tensor(value).detach()
+        if not torch.isfinite(value).all():
+            n_nan, n_inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise FloatingPointError(
+                f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values; nothing after the last good "
+                f"state was saved. Last good state: {last_state or 'none (set --save_every to keep states)'}")
+
+
+def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
+    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
+    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
+    of processes differs from the interrupted run's: the continuation would silently be another run."""
+    if not args.resume:
+        return None, None
+    if not args.output_dir:
+        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
+    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
+    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
+        print_fn(message)
+    if folder is None:
+        return None, None
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    changed = sorted(k for k, v in asdict(args).items()
+                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
+    if changed or state["world_size"] != world_size:
+        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
+                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
+    return folder, state
+
+
+def cut_metrics(output_dir: str, lines: int) -> None:
+    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
+    logged again by the resumed run."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        kept = f.readlines()[:lines]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
+                     "keep_states", "run_eval", "eval_splits", "local_eval_batch_size", "max_eval_samples"}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
-    """Run the stage; returns the trained model (None with --preprocess_only)."""
+    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the trained model (None with
+    --preprocess_only)."""
+    with StopOnSignal() as stop:
+        return train_sft(args, stop)
+
+
+def train_sft(args: Args, stop: StopOnSignal):
+    """The stage itself; `stop.received` is read once per optimizer step."""
     import pandas as pd
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
@@ -499,20 +756,27 @@ def main(args: Args):
 
     # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    derived = derive(args, accelerator.num_processes, len(dataset["train"]))
+    with accelerator.main_process_first():
+        dataset, skipped = tokenize_sft(dataset, tokenizer, args)
+    data_metrics = {}
+    for split, ds in dataset.items():
+        data_metrics[f"data/{split}/rows"] = len(ds)
+        for reason, n in sorted(skipped[split].items()):
+            data_metrics[f"data/{split}/skipped/{reason}"] = n
+            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see sft_row_problem)")
+        cut = sum(ds["reference_response_truncated"]) if len(ds) else 0  # an empty split gets no new columns
+        if cut:
+            accelerator.print(f"warning: {cut}/{len(ds)} {split} summaries exceed {args.response_length} tokens and were truncated (EOS lost)")
+    derived = derive(args, accelerator.num_processes, len(dataset["train"]))  # rows left after the skips
     accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
-    run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]  # one name for all ranks
+    checkpoint, resumed = resume_state(args, derived.world_size, RESUMABLE_CHANGES, accelerator.print)
+    run_name = resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = broadcast_object_list([run_name])[0]  # one name for all ranks
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         write_run_info(args.output_dir, args, derived)
 
-    with accelerator.main_process_first():
-        dataset = tokenize_sft(dataset, tokenizer, args)
-    for split, ds in dataset.items():
-        cut = sum(ds["reference_response_truncated"]) if len(ds) else 0  # an empty split gets no new columns
-        if cut:
-            accelerator.print(f"warning: {cut}/{len(ds)} {split} summaries exceed {args.response_length} tokens and were truncated (EOS lost)")
     if args.preprocess_only:
         if accelerator.is_main_process:
             dataset.save_to_disk(os.path.join(args.output_dir, "dataset"))
@@ -539,7 +803,18 @@ def main(args: Args):
     # the scheduler is not prepared: accelerate would step it once per process, and num_updates already
     # counts global batches; it is stepped once per optimizer step below [N+ 1.B.7]
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)  # saved and restored with the model and optimizer
+    update = 0  # optimizer steps done
+    if resumed is not None:
+        accelerator.load_state(checkpoint)  # weights, optimizer, scheduler and this rank's RNG states
+        update = resumed["update"]
+        if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
+            cut_metrics(args.output_dir, resumed["metrics_lines"])
+        accelerator.print(f"resumed from {checkpoint} at optimizer step {update + 1}")
+    last_state = checkpoint  # the newest good state on disk, named when the run diverges
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
+    if resumed is None:  # a resumed run kept this record in metrics.jsonl
+        logger.log(data_metrics, 0)
     accelerator.print(
         f"{derived.total_episodes} sequences, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
         f"{derived.gradient_accumulation_steps} accumulation x {derived.world_size} processes -> {derived.num_updates} updates"
@@ -548,21 +823,28 @@ def main(args: Args):
     # ---- training [N+ 1.B.3-8]
     pad = tokenizer.pad_token_id
     model.train()
-    start, samples, window = time.time(), 0, []
+    start, samples, window = time.time(), update * args.batch_size, []
     micro_steps = derived.num_updates * derived.gradient_accumulation_steps
-    progress = tqdm(total=derived.num_updates, disable=not accelerator.is_local_main_process, desc="sft")
-    epoch, batches = 0, iter(loader)
-    for _ in range(micro_steps):
-        try:
-            batch = next(batches)
-        except StopIteration:  # next epoch (only when total_episodes exceeds one pass)
-            epoch += 1
+    progress = tqdm(total=derived.num_updates, initial=update, disable=not accelerator.is_local_main_process,
+                    desc="sft")
+
+    def micro_batches():  # endless: a new shuffled epoch when one is used up (total_episodes above one pass)
+        epoch = 0
+        while True:
             loader.set_epoch(epoch)
-            batches = iter(loader)
-            batch = next(batches)
+            yield from loader
+            epoch += 1
+
+    batches = micro_batches()
+    for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
+        next(batches)
+    for micro_step in range(update * derived.gradient_accumulation_steps, micro_steps):
+        batch = next(batches)
         ids = trim_padding_columns(batch["query_reference_response_token"], pad, "right")
         with accelerator.accumulate(model):
             loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
+            check_finite({"train/sft/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})",
+                         last_state)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
@@ -570,13 +852,32 @@ def main(args: Args):
         if accelerator.sync_gradients:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
+            update += 1
             samples += args.batch_size
             loss_mean = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
             window = []
             logger.log({"train/sft/loss": loss_mean, "train/sft/lr": lr}, samples)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_mean:.3f}")
+            # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
+            signal_name = stop_signal_received(accelerator, stop)
+            periodic = args.save_every > 0 and update % args.save_every == 0
+            if update < derived.num_updates and (periodic or signal_name):
+                metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+                last_state = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
+                save_state_atomic(accelerator, last_state, {
+                    "update": update, "samples": samples, "run_name": run_name, "world_size": derived.world_size,
+                    "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
+                    "args": json.loads(json.dumps(asdict(args))),
+                }, args.keep_states)
+            if signal_name and update < derived.num_updates:
+                progress.close()
+                accelerator.print(f"received {signal_name}: saved the state of optimizer step {update} in "
+                                  f"{last_state}; run the same command with --resume to continue")
+                accelerator.end_training()
+                raise SystemExit(143 if signal_name == "SIGTERM" else 130)
     progress.close()
+    stop.restore()  # evaluation and the final save are not resumable: from here a signal acts as usual
     train_time = time.time() - start
 
     # ---- evaluation [N+ 1.B.13]

@@ -532,3 +532,124 @@ def test_score_rises_with_a_toy_reward_model(tiny_model, sft_data, tmp_path):
     assert scores[0] < 0.2, scores  # mostly no EOS at the start
     assert sum(scores[-3:]) / 3 > sum(scores[:2]) / 2 + 0.5, scores
     assert sum(eos[-3:]) / 3 > 0.75, eos
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults: preemption signals, killed or corrupt saves, divergence
+# ---------------------------------------------------------------------------------------------------------
+
+
+def strip_wall_clock(records):
+    """Wall-clock numbers differ between runs; everything else must be bit-identical."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "ppo/eps"} for r in records]
+
+
+def assert_same_weights(dir_a, dir_b):
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_a_state_and_the_resumed_run_equals_an_uninterrupted_one(llama_chain, sft_data, tmp_path):
+    """The script as a subprocess gets SIGTERM once its first update is logged: it saves a state at the end of the
+    update under way and exits with 143; --resume then ends bit-identical to a run that was never interrupted."""
+    import signal
+    import time
+
+    common = dict(total_episodes=48, run_eval=False, sample_every=0)
+    full = run_ppo(llama_chain, sft_data, str(tmp_path / "full"), **common)
+    out = str(tmp_path / "stopped")
+    cmd = [sys.executable, os.path.join(ROOT, "ppo_tldr.py"), "--sft_model_path", llama_chain[0],
+           "--reward_model_path", llama_chain[1], "--dataset", sft_data, "--output_dir", out]
+    for key, value in {**SMALL, **common}.items():
+        cmd += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{'' if value else 'no_'}{key}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 300
+    while not (os.path.exists(metrics) and open(metrics).read().count("objective/scores")) and proc.poll() is None:
+        assert time.time() < deadline, "the run logged no update"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, output[-3000:]
+    states = os.listdir(os.path.join(out, "checkpoints"))
+    assert len(states) == 1 and states[0] < "update_000006", states  # stopped before the last update
+    assert f"received SIGTERM: saved the state of update {int(states[0][-6:])}" in output
+    resumed = run_ppo(llama_chain, sft_data, out, resume=True, **common)
+    assert len(full) == len(resumed) == 6
+    assert strip_wall_clock(full) == strip_wall_clock(resumed)
+    assert_same_weights(str(tmp_path / "full"), out)
+
+
+def test_resume_skips_a_corrupt_state_and_a_save_killed_midway(llama_chain, sft_data, tmp_path, monkeypatch, capsys):
+    """States every update, keep 2. The newest kept state is truncated (a corrupt file), a newer folder lacks its
+    manifest and an `.tmp` folder is left behind (SIGKILL during a save): resume falls back to the state before,
+    says why, and still ends bit-identical to an uninterrupted run."""
+    common = dict(total_episodes=32, save_every=1, keep_states=2, run_eval=False, sample_every=0)
+    full = run_ppo(llama_chain, sft_data, str(tmp_path / "full"), **common)
+
+    class Preempted(Exception):
+        pass
+
+    original = P.prompt_indices
+
+    def preempt_in_update_4(num_rows, seed, start, count):
+        if start == 3 * count:
+            raise Preempted
+        return original(num_rows, seed, start, count)
+
+    out = str(tmp_path / "faulty")
+    monkeypatch.setattr(P, "prompt_indices", preempt_in_update_4)
+    with pytest.raises(Preempted):
+        run_ppo(llama_chain, sft_data, out, **common)
+    monkeypatch.setattr(P, "prompt_indices", original)
+    root = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(root)) == ["update_000002", "update_000003"]  # --keep_states 2
+    assert P.latest_valid_state(root) == (os.path.join(root, "update_000003"), [])
+    weights = os.path.join(root, "update_000003", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    import shutil
+
+    shutil.copytree(os.path.join(root, "update_000002"), os.path.join(root, "update_000004.tmp"))  # killed mid-save
+    shutil.copytree(os.path.join(root, "update_000002"), os.path.join(root, "update_000005"))
+    os.remove(os.path.join(root, "update_000005", P.STATE_MANIFEST))  # a folder whose save never finished
+    capsys.readouterr()
+    resumed = run_ppo(llama_chain, sft_data, out, resume=True, **common)
+    printed = capsys.readouterr().out
+    assert re.search(r"skipping the state \S+update_000005: no readable state_manifest.json", printed), printed
+    assert re.search(r"skipping the state \S+update_000003: model.safetensors has \d+ bytes, the manifest says",
+                     printed), printed
+    assert "resumed from" in printed and "update_000002 at update 3" in printed
+    assert strip_wall_clock(full) == strip_wall_clock(resumed)
+    assert_same_weights(str(tmp_path / "full"), out)
+    assert not [n for n in os.listdir(root) if n.endswith(".tmp")]  # the next save cleared the leftover
+
+
+@pytest.mark.parametrize("target, first_bad_call, message", [
+    ("apply_missing_eos_penalty", 3, r"objective/scores diverged at update 3 \(episode 24\), rollouts: 8 NaN"),
+    ("value_loss", 2 * 4 * 2 + 1,  # 2 updates x 4 epochs x 2 micro-batches
+     r"ppo/loss/value diverged at update 3 \(episode 24\), PPO epoch 0, minibatch 0, micro-batch 0: 1 NaN"),
+], ids=["scores", "value_loss"])
+def test_a_nan_stops_the_run_at_its_update_and_keeps_the_last_good_state(llama_chain, sft_data, tmp_path,
+                                                                         monkeypatch, target, first_bad_call, message):
+    """A NaN appearing in update 3 (in the scores, or in the value loss) stops the run there, naming the quantity
+    and the update; the state of update 2 is kept, complete, and no later state is written."""
+    original, calls = getattr(P, target), []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        out = original(*args, **kwargs)
+        if len(calls) < first_bad_call:
+            return out
+        return out * float("nan") if torch.is_tensor(out) else (out[0] * float("nan"), *out[1:])
+
+    monkeypatch.setattr(P, target, poisoned)
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match=message) as info:
+        run_ppo(llama_chain, sft_data, out, total_episodes=48, save_every=2, run_eval=False, sample_every=0)
+    root = os.path.join(out, "checkpoints")
+    assert f"Last good state: {os.path.join(root, 'update_000002')}" in str(info.value)
+    assert os.listdir(root) == ["update_000002"] and P.state_problem(os.path.join(root, "update_000002")) is None
+    assert len(training_records(read_metrics(out))) == 2

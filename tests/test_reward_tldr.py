@@ -414,3 +414,73 @@ def test_two_processes_gather_every_pair_and_match_one_process(sft_llama, compar
     assert len(pd.read_csv(os.path.join(two, "normalization_rewards.csv"))) == 10
     lines = open(os.path.join(two, "metrics.jsonl")).read().splitlines()
     assert sum('"train/rm/loss"' in line for line in lines) == 2  # rank 0 writes, once per update
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults: preemption signals and divergence
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_a_state_and_the_resumed_run_equals_an_uninterrupted_one(sft_llama, rm_data, sft_data,
+                                                                               tmp_path):
+    """The script as a subprocess gets SIGTERM once its first optimizer step is logged: it saves a state and exits
+    with 143; --resume then ends bit-identical (metrics, weights, reward bias) to a run never interrupted."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    flags = dict(total_episodes=48, batch_size=4, local_micro_batch_size=2, local_eval_batch_size=4,
+                 sft_model_path=sft_llama, dataset=rm_data, sft_dataset=sft_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess: bit-identical results need the same intra-op threads
+    try:
+        rm.main(rm.Args(**flags, output_dir=str(tmp_path / "full")))
+        out = str(tmp_path / "stopped")
+        argv = [os.path.join(ROOT, "reward_tldr.py"), "--output_dir", out]
+        for key, value in flags.items():
+            argv += [f"--{key}", str(value)]
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 300
+        while not (os.path.exists(metrics) and "train/rm/loss" in open(metrics).read()) and proc.poll() is None:
+            assert time.time() < deadline, "the run logged no step"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 143, output[-3000:]
+        states = os.listdir(os.path.join(out, "checkpoints"))
+        assert len(states) == 1 and states[0] < "update_000012", states  # 48 pairs / batch 4: before the end
+        assert f"received SIGTERM: saved the state of optimizer step {int(states[0][-6:])}" in output
+        rm.main(rm.Args(**flags, output_dir=out, resume=True))
+    finally:
+        torch.set_num_threads(threads)
+
+    def records(path):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                for line in open(os.path.join(path, "metrics.jsonl"))]
+
+    full, resumed = records(str(tmp_path / "full")), records(out)
+    assert len([r for r in full if "train/rm/loss" in r]) == 12 and full == resumed
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_reward_stops_the_run_and_keeps_the_last_good_state(sft_llama, rm_data, sft_data, tmp_path,
+                                                                  monkeypatch):
+    original, calls = rm.reward_at_eos, []
+
+    def poisoned(rewards, mask):
+        calls.append(1)
+        out = original(rewards, mask)
+        return out * float("nan") if len(calls) > 8 else out  # from the 1st micro-batch of step 3 (4 per step)
+
+    monkeypatch.setattr(rm, "reward_at_eos", poisoned)
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match=r"train/rm/chosen_rewards diverged at optimizer step 3 "
+                                                 r"\(micro-batch 8\): 2 NaN and 0 infinite values") as info:
+        rm.main(small_args(sft_model_path=sft_llama, dataset=rm_data, sft_dataset=sft_data, output_dir=out,
+                           total_episodes=48, save_every=2))
+    root = os.path.join(out, "checkpoints")
+    assert info.value.args[0].endswith(f"Last good state: {os.path.join(root, 'update_000002')}")
+    assert os.listdir(root) == ["update_000002"] and rm.state_problem(os.path.join(root, "update_000002")) is None
