@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--rm_lr", type=float, default=3e-5, help="RM learning rate")
     p.add_argument("--rm_eval_samples", type=int, default=100, help="RM validation pairs")
     p.add_argument("--ppo_episodes", type=int, default=32, help="PPO episodes (rollouts)")
-    p.add_argument("--ppo_batch", type=int, default=8, help="PPO rollouts per update")
+    p.add_argument("--ppo_batch", type=int, default=8, help="PPO rollouts per update (micro-batch 1 keeps memory < 8 GiB)")
     p.add_argument("--ppo_lr", type=float, default=1e-5, help="PPO learning rate")
     p.add_argument("--ppo_kl_coef", type=float, default=0.05, help="PPO KL coefficient (paper 0.05)")
     return p.parse_args(argv)
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
           d["rm"], "model.safetensors")
     stage("ppo", [py, "ppo_tldr.py", "--sft_model_path", d["sft"], "--reward_model_path", d["rm"], "--dataset",
                   sft_data, "--output_dir", d["ppo"], "--total_episodes", str(args.ppo_episodes), "--batch_size",
-                  str(args.ppo_batch), "--local_micro_batch_size", str(args.ppo_batch),
+                  str(args.ppo_batch), "--local_micro_batch_size", "1",
                   "--local_rollout_forward_batch_size", str(args.ppo_batch), "--learning_rate", str(args.ppo_lr),
                   "--kl_coef", str(args.ppo_kl_coef), "--eval_splits", "validation", "--sample_every", "1", *common],
           d["ppo"], "model.safetensors")
