@@ -234,6 +234,8 @@ def run_win_rate(run: Run, split: str, win_column: Optional[str], win_scores: Op
         return None
     df = pd.read_csv(path, keep_default_na=False)
     if win_scores:
+        if not set(win_scores) <= set(df.columns):  # e.g. an SFT table has no reward-model scores
+            return None
         a, b = (pd.to_numeric(df[c], errors="coerce") for c in win_scores)
         values = [math.nan if x != x or y != y else 1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
     else:

@@ -179,3 +179,17 @@ def test_one_size_and_the_offline_options(tmp_path):
     summary = pd.read_csv(out / "summary.csv")
     r = summary[(summary.metric == "win_rate") & (summary.stage == "ppo")].iloc[0]
     assert (r["mean"], r["std"]) == (pytest.approx(0.625), 0.0)
+
+
+def test_score_win_rate_skips_tables_without_the_score_columns(tmp_path):
+    """An SFT table has no reward-model scores: with --win_scores it gives no verdict instead of failing."""
+    folder = str(tmp_path / "sft")
+    os.makedirs(folder)
+    pd.DataFrame({"query": ["q"], "response": ["a b"], "reference": ["c"]}).to_csv(
+        os.path.join(folder, "validation_table.csv"), index=False)
+    run = plot_paper.Run(folder, "sft", "smollm2", 135e6, 1, [])
+    assert plot_paper.run_win_rate(run, "validation", None, ("score", "reference_score"), None, "words") is None
+    pd.DataFrame({"query": ["q", "q"], "response": ["a b", "c"], "reference": ["c", "d"], "score": [1.0, 0.0],
+                  "reference_score": [0.5, 0.5]}).to_csv(os.path.join(folder, "validation_table.csv"), index=False)
+    result = plot_paper.run_win_rate(run, "validation", None, ("score", "reference_score"), None, "words")
+    assert result["win_rate"] == 0.5 and result["n_judged"] == 2
