@@ -484,3 +484,42 @@ def test_a_nan_reward_stops_the_run_and_keeps_the_last_good_state(sft_llama, rm_
     root = os.path.join(out, "checkpoints")
     assert info.value.args[0].endswith(f"Last good state: {os.path.join(root, 'update_000002')}")
     assert os.listdir(root) == ["update_000002"] and rm.state_problem(os.path.join(root, "update_000002")) is None
+
+
+def test_resume_skips_a_corrupt_state_after_a_crash(sft_llama, rm_data, sft_data, tmp_path, monkeypatch, capsys):
+    """A crash in step 5 leaves states 2 and 4 (--keep_states 2); state 4 is then truncated on disk. Resume skips it
+    with a message, continues from state 2 and ends bit-identical (metrics, weights) to an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    flags = dict(sft_model_path=sft_llama, dataset=rm_data, sft_dataset=sft_data, total_episodes=48,
+                 save_every=2, keep_states=2)
+    rm.main(small_args(**flags, output_dir=str(tmp_path / "full")))
+    original, calls = rm.reward_at_eos, []
+
+    def crash(rewards, mask):
+        calls.append(1)
+        if len(calls) > 16:  # the 1st micro-batch of step 5 (4 per step)
+            raise RuntimeError("simulated crash")
+        return original(rewards, mask)
+
+    out = str(tmp_path / "crashed")
+    monkeypatch.setattr(rm, "reward_at_eos", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        rm.main(small_args(**flags, output_dir=out))
+    monkeypatch.setattr(rm, "reward_at_eos", original)
+    root = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(root)) == ["update_000002", "update_000004"]
+    weights = os.path.join(root, "update_000004", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    capsys.readouterr()
+    rm.main(small_args(**flags, output_dir=out, resume=True))
+    printed = capsys.readouterr().out
+    assert "skipping the state" in printed and "update_000004: model.safetensors has" in printed, printed
+
+    def records(path):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in open(path)]
+
+    assert records(tmp_path / "full" / "metrics.jsonl") == records(os.path.join(out, "metrics.jsonl"))
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -438,3 +438,38 @@ def test_a_missing_split_is_an_error_naming_the_dataset(tiny_model, tmp_path):
     write_jsonl(str(tmp_path / "train.jsonl"), sft_rows(4, 1))
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path} lacks evaluation splits ['test']")):
         sft.main(small_args(tiny_model, str(tmp_path), str(tmp_path / "out")))
+
+
+def test_resume_skips_a_corrupt_state_after_a_crash(tiny_model, sft_data, tmp_path, monkeypatch, capsys):
+    """A crash at step 6 leaves states 2 and 4 (--keep_states 2); state 4 is then truncated on disk. Resume skips it
+    with a message, continues from state 2 and ends bit-identical to an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    sft.main(small_args(tiny_model, sft_data, str(tmp_path / "full"), run_eval=False))
+    original, calls = sft.sft_loss, []
+
+    def crash(*args):
+        calls.append(1)
+        if len(calls) > 20:  # the 1st micro-batch of step 6
+            raise RuntimeError("simulated crash")
+        return original(*args)
+
+    out = str(tmp_path / "crashed")
+    monkeypatch.setattr(sft, "sft_loss", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sft.main(small_args(tiny_model, sft_data, out, run_eval=False, save_every=2, keep_states=2))
+    monkeypatch.setattr(sft, "sft_loss", original)
+    root = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(root)) == ["update_000002", "update_000004"]
+    weights = os.path.join(root, "update_000004", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    capsys.readouterr()
+    sft.main(small_args(tiny_model, sft_data, out, run_eval=False, save_every=2, keep_states=2, resume=True))
+    printed = capsys.readouterr().out
+    assert "skipping the state" in printed and "update_000004: model.safetensors has" in printed, printed
+    assert "update_000002" in printed
+    full, resumed = without_wall_clock(tmp_path / "full" / "metrics.jsonl"), without_wall_clock(f"{out}/metrics.jsonl")
+    assert full == resumed
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
