@@ -415,7 +415,8 @@ def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
             versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
         except ImportError:
             pass
-    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "git_sha": sha,
+    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
             "python": platform.python_version(), "versions": versions}
     with open(os.path.join(output_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)

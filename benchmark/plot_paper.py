@@ -180,15 +180,16 @@ def find_run_folders(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(os.path.normpath(f) for f in folders))
 
 
-def base_model_of(name: str, depth: int = 0) -> str:
-    """Follow a checkpoint folder back to the base model its SFT run started from (via run_info.json)."""
-    for folder in (name, os.path.join(ROOT, name)):
+def base_model_of(name: str, depth: int = 0, cwd: Optional[str] = None) -> str:
+    """Follow a checkpoint folder back to the base model its SFT run started from (via run_info.json). A relative
+    path is tried against `cwd` (the folder the run that named it was started in), then here, then the repo."""
+    for folder in ([os.path.join(cwd, name)] if cwd else []) + [name, os.path.join(ROOT, name)]:
         info_path = os.path.join(folder, "run_info.json")
         if depth < 4 and os.path.exists(info_path):
-            args = json.load(open(info_path))["args"]
-            parent = args.get("base_model") or args.get("sft_model_path")
+            info = json.load(open(info_path))
+            parent = info["args"].get("base_model") or info["args"].get("sft_model_path")
             if parent:
-                return base_model_of(parent, depth + 1)
+                return base_model_of(parent, depth + 1, info.get("cwd"))
     return name
 
 
@@ -196,7 +197,7 @@ def load_run(folder: str, size_map: Optional[dict[str, float]] = None) -> Run:
     info = json.load(open(os.path.join(folder, "run_info.json")))
     args = info["args"]
     stage = stage_of(args)
-    model = base_model_of(args["base_model"] if stage in ("base", "sft") else args["sft_model_path"])
+    model = base_model_of(args["base_model"] if stage in ("base", "sft") else args["sft_model_path"], cwd=info.get("cwd"))
     size = parse_model_size(model, size_map) or parse_model_size(folder, size_map)
     if size is None:
         raise ValueError(f"{folder}: cannot tell the model size from {model!r}; pass --size_map NAME=PARAMS")

@@ -193,3 +193,18 @@ def test_score_win_rate_skips_tables_without_the_score_columns(tmp_path):
                   "reference_score": [0.5, 0.5]}).to_csv(os.path.join(folder, "validation_table.csv"), index=False)
     result = plot_paper.run_win_rate(run, "validation", None, ("score", "reference_score"), None, "words")
     assert result["win_rate"] == 0.5 and result["n_judged"] == 2
+
+
+def test_relative_checkpoint_paths_resolve_against_the_runs_working_directory(tmp_path, monkeypatch):
+    """A PPO run started in `work/` names its SFT checkpoint `runs/sft`; plotting from elsewhere still finds the base
+    model through the working directory recorded in run_info.json."""
+    work = tmp_path / "work"
+    for name, info in (("sft", {"args": {"base_model": "EleutherAI/pythia-1b-deduped", "seed": 1}}),
+                       ("ppo", {"args": {"sft_model_path": "runs/sft", "reward_model_path": "runs/rm", "seed": 1},
+                                "cwd": str(work)})):
+        os.makedirs(work / "runs" / name)
+        with open(work / "runs" / name / "run_info.json", "w") as f:
+            json.dump(info, f)
+    monkeypatch.chdir(tmp_path)
+    run = plot_paper.load_run(str(work / "runs" / "ppo"))
+    assert run.model == "EleutherAI/pythia-1b-deduped" and run.size == pytest.approx(1e9, rel=0.2)
