@@ -30,8 +30,8 @@ Targets:
   slurm       writes an sbatch array script, 12 tasks = 3 sizes x 4 seeds, MODEL = MODELS[id / 4] and
               SEED = SEEDS[id % 4] as the reference's sbatches [N+ 5]; each task runs this file with
               `--target node` for its one size and seed, so SFT -> RM -> PPO are chained inside the task.
-              `--requeue`: a requeued task skips finished stages, and PPO resumes from its latest checkpoint
-              (`--save_every`, `--resume`)
+              `--requeue`: a requeued task skips finished stages, and the interrupted stage resumes from its
+              latest state (`--save_every`, `--resume`)
 
 A stage that exits 0 gets a `launch_done.json` marker in its output folder; later launches skip it (`--force`
 reruns it). Commands run one after the other and the first failure stops the launch.
@@ -82,6 +82,7 @@ SIZES = {
 SFT_BATCH, RM_BATCH, PPO_BATCH = 128, 64, 512
 SFT_MICRO, RM_MICRO = 1, 1
 PPO_EPISODES = 1_000_000  # [N+ 1.D.4]
+STATE_EVERY_STEPS = 100  # SFT and RM on preemptible jobs: a resumable state every 100 optimizer steps (911 / 1450 in all)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,9 @@ def paper_stages(size: Size, seed: int, models_dir: str = "models", track: bool 
            "--total_episodes", str(PPO_EPISODES), *common]
     if size.offload:
         ppo.append("--offload")  # [N+ 1.D.22] the 6.9B recipe
-    if ppo_save_every:  # preemptible jobs: periodic training state, and continue from it when requeued
+    if ppo_save_every:  # preemptible jobs: periodic training states in every stage, continued when requeued
+        sft += ["--save_every", str(STATE_EVERY_STEPS), "--resume"]
+        reward += ["--save_every", str(STATE_EVERY_STEPS), "--resume"]
         ppo += ["--save_every", str(ppo_save_every), "--resume"]
     return [Stage("sft", "sft_tldr.py", tuple(sft), d["sft"]),
             Stage("reward", "reward_tldr.py", tuple(reward), d["reward"]),
@@ -203,7 +206,7 @@ def slurm_script(sizes: list[str], seeds: list[int], models_dir: str = "models",
         f"#SBATCH --array=0-{n - 1}",
         "#SBATCH --output=slurm/logs/%x_%A_%a.out",
         "# The paper's runs [N+ 5]: one task per (model size, seed), SFT -> RM -> PPO chained inside the task.",
-        "# A requeued task skips finished stages (launch_done.json) and PPO resumes from its last checkpoint.",
+        "# A requeued task skips finished stages (launch_done.json); the interrupted stage resumes from its last state.",
         "set -euo pipefail",
         f"cd {shlex.quote(repo)}",
         f"MODELS=({' '.join(models)})",
@@ -229,8 +232,8 @@ def is_done(output_dir: str) -> bool:
 
 
 def will_resume(stage: Stage) -> bool:
-    """Whether the stage continues an interrupted run: PPO with --resume and a saved state (it then cuts its own
-    metrics.jsonl back to that state). SFT and RM always start over."""
+    """Whether the stage continues an interrupted run: --resume and a saved state (the stage then cuts its own
+    metrics.jsonl back to that state)."""
     checkpoints = os.path.join(ROOT, stage.output_dir, "checkpoints")
     return "--resume" in stage.args and os.path.isdir(checkpoints) and any(
         n.startswith("update_") and not n.endswith(".tmp") for n in os.listdir(checkpoints))
@@ -271,9 +274,9 @@ def parse_args(argv=None):
     p.add_argument("--dry_run", action="store_true", help="print every command (or the sbatch script); run nothing")
     p.add_argument("--models_dir", default="models", help="root of the output folders, relative to the repository")
     p.add_argument("--ppo_save_every", type=int, default=None,
-                   help="PPO: save a resumable state every N updates and --resume from it (default: 100 for slurm, "
-                        "else 0 = off). A 6.9B state (two 6.9B models with fp32 Adam states) is ~200 GB; only the "
-                        "newest is kept")
+                   help="PPO: save a resumable state every N updates and --resume from it; when set, SFT and RM also "
+                        "save one every 100 optimizer steps (default: 100 for slurm, else 0 = off). Each stage keeps "
+                        "its 2 newest states (--keep_states); a PPO state holds two models and their Adam moments")
     p.add_argument("--force", action="store_true", help="rerun stages that already have a launch_done.json")
     p.add_argument("--partition", default="hopper-prod", help="slurm partition")
     p.add_argument("--sbatch_file", default="slurm/paper.sbatch", help="where the slurm target writes its script")

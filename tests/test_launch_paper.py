@@ -70,6 +70,8 @@ def check_run(commands: list[list[str]], size_key: str, seed: int, workers: int,
     assert derived.gradient_accumulation_steps == PPO_ACCUMULATION_8_GPUS[size_key] * 8 // workers
     assert derived.num_updates == 1953
     assert (ppo.save_every, ppo.resume) == ((save_every, True) if save_every else (0, False))
+    for args in (sft, rm):  # preemptible jobs keep resumable states in every stage
+        assert (args.save_every, args.resume) == ((launch_paper.STATE_EVERY_STEPS, True) if save_every else (0, False))
     if ppo.offload:  # ppo_tldr.py refuses --offload without DeepSpeed
         assert commands[2][:4] == ["accelerate", "launch", "--config_file", launch_paper.ACCELERATE_CONFIG]
 
