@@ -1221,7 +1221,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
         time_generation = time_scoring = 0.0
         with torch.no_grad(), accelerator.autocast():
             queries = trim_padding_columns(train_queries[local_rows].to(device), pad, "left")  # (B, Q)
-            responses, logprobs, ref_logprobs, values, scores = [], [], [], [], []
+            responses, postprocessed_responses, logprobs, ref_logprobs, values, scores = [], [], [], [], [], []
             for i in range(0, local_batch_size, args.local_rollout_forward_batch_size):
                 query = trim_padding_columns(queries[i : i + args.local_rollout_forward_batch_size], pad, "left")
                 context_length = query.shape[1]
@@ -1246,15 +1246,15 @@ def train_ppo(args: Args, stop: StopOnSignal):
                                   context_length)  # (b,)
                 time_scoring += time.time() - t0
                 responses.append(response)
+                postprocessed_responses.append(postprocessed_response)
                 logprobs.append(logprob)
                 ref_logprobs.append(ref_logprob)
                 values.append(value)
                 scores.append(score)
-            responses = torch.cat(responses, 0)  # (B, R)
+            responses, postprocessed_responses = torch.cat(responses, 0), torch.cat(postprocessed_responses, 0)  # (B, R)
             query_responses = torch.cat((queries, responses), 1)  # (B, Q+R)
             logprobs, ref_logprobs = torch.cat(logprobs, 0).float(), torch.cat(ref_logprobs, 0).float()  # (B, R)
             values, scores = torch.cat(values, 0).float(), torch.cat(scores, 0).float()  # (B, R), (B,)
-            postprocessed_responses = truncate_response(responses, eos, pad)
 
             # 6. response processing 3: a response without EOS gets the penalty score (-1) [N+ 1.D.13]
             contain_eos = torch.any(postprocessed_responses == eos, dim=-1)  # (B,)
