@@ -104,22 +104,23 @@ def build_model(out_dir: str, arch: str = "llama", vocab_rows: int = 512, seed: 
     return model
 
 
+def tiny_folder(tmp_path_factory, arch: str) -> str:
+    d = str(tmp_path_factory.mktemp(f"tiny_{arch}"))
+    build_tokenizer(d)
+    build_model(d, arch)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Folder with a tiny Llama-shaped model and the tiny tokenizer."""
-    d = str(tmp_path_factory.mktemp("tiny_llama"))
-    build_tokenizer(d)
-    build_model(d, "llama")
-    return d
+    return tiny_folder(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     """Folder with a tiny GPT-2 (absolute position embeddings) and the tiny tokenizer."""
-    d = str(tmp_path_factory.mktemp("tiny_gpt2"))
-    build_tokenizer(d)
-    build_model(d, "gpt2")
-    return d
+    return tiny_folder(tmp_path_factory, "gpt2")
 
 
 @pytest.fixture(scope="session")
