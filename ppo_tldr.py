@@ -75,7 +75,10 @@ Logger also writes the same number as `samples`). Each is a mean over the whole 
                               the flag --adam_eps); time/episodes_per_second is the same number
   check/ratio_first_minibatch, check/approxkl_first_minibatch, check/max_abs_logprob_diff_first_minibatch
                               the first minibatch of the first epoch is on-policy: ratio 1, approxkl ~0 [N+ 1.D.7]
-  time/generation, time/scoring, time/training, time/validation_probe (seconds per update), time/peak_memory_gib
+  time/generation, time/scoring, time/training, time/validation_probe, time/update (seconds per update; update =
+                              all of it up to logging), time/peak_memory_gib (process peak so far)
+  perf/generated_tokens, perf/training_tokens, perf/training_attention_pairs   per process and update: sampled
+                              tokens, token positions through the training forwards (sum of b*T), and sum of b*T^2
   eval/{split}/score, eval/{split}/reference_score, eval/{split}/response_length   after training [N+ 1.D.25]
 """
 
@@ -217,6 +220,13 @@ class Args:
     """rollouts in the whole run; updates = total_episodes // batch_size (1953) [N+ 1.D.4]"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of policy and value model (memory for time)"""
+    response_logits_only: bool = True
+    """compute the LM head only where log-probs are read (the R response positions) in the reference and training
+    forwards, instead of at every query position: same log-probs, fewer FLOPs, and the (B, T, V) logits tensor shrinks
+    to (B, R+1, V) (README "Throughput"); False = the reference's full logits"""
+    adam_impl: Literal["fused", "foreach"] = "fused"
+    """torch AdamW kernel: fused (one kernel over all parameters) or foreach (torch's default); the same update rule,
+    rounding aside (README "Throughput")"""
     offload: bool = False
     """DeepSpeed only: hold the frozen reference and reward models in ZeRO-3 with parameters offloaded to CPU (the
     6.9B recipe) [N+ 1.D.22]"""
@@ -224,7 +234,7 @@ class Args:
     # --- logging and evaluation
     validation_probe_size: int = 16
     """validation queries sampled at eval_temperature and scored before every update (objective/validation_score);
-    split across processes [N+ 1.D.24]"""
+    split across processes; 0 = no probe (benchmarks) [N+ 1.D.24]"""
     sample_every: int = 220
     """write the probe's table (CSV + wandb table) every N updates; 0 = never [N+ 1.D.24]"""
     run_eval: bool = True
@@ -635,9 +645,9 @@ class PolicyAndValueWrapper(nn.Module):
         self.policy = policy
         self.critic = critic
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.policy(**kwargs, use_cache=False), self.critic(**kwargs)
+        return self.policy(**kwargs, use_cache=False, logits_to_keep=logits_to_keep), self.critic(**kwargs)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -650,13 +660,14 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def forward(model, ids: torch.Tensor, pad_token_id: int):
+def forward(model, ids: torch.Tensor, pad_token_id: int, **kwargs):
     """A forward pass with the mask and positions derived from padding [N+ 1.B.5, 1.D.23].
 
     The reference also replaces pad ids by 0 in `input_ids`; the pad id always has an embedding row here
-    (`fit_embeddings`), and keeping it lets HF's sequence-classification pooling find the padding."""
+    (`fit_embeddings`), and keeping it lets HF's sequence-classification pooling find the padding. `kwargs` go to
+    the model (`logits_to_keep` for causal LMs)."""
     mask = ids != pad_token_id
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), **kwargs)
 
 
 def sampling_config(response_length: int, temperature: float):
@@ -713,6 +724,13 @@ def generate_with_logprobs(model, queries: torch.Tensor, pad_token_id: int, gene
     responses = F.pad(responses, (0, missing), value=pad_token_id)
     logprobs = F.pad(logprobs, (0, missing), value=INVALID_LOGPROB)
     return responses, logprobs
+
+
+def response_logits(logits: torch.Tensor, response_length: int) -> torch.Tensor:
+    """(B, R, V) logits that predict the R response tokens: position Q-1+t predicts response token t and the last
+    position predicts nothing [N+ 1.D.8]. Works on full (B, Q+R, V) logits and on the (B, R+1, V) ones that
+    `logits_to_keep=R+1` returns (--response_logits_only)."""
+    return logits[:, -response_length - 1 : -1]
 
 
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -974,16 +992,19 @@ def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
     return stop.received or "a stop signal (on another process)"
 
 
-def check_finite(quantities: dict, where: str, last_state: Optional[str]) -> None:
-    """Stop at the first NaN or infinite value: a diverged run would otherwise keep training on garbage for hours.
-    Raises FloatingPointError naming the quantity, where it appeared and the last good state to resume from."""
-    for name, value in quantities.items():
-        value = torch.as_tensor(value).detach()
-        if not torch.isfinite(value).all():
-            n_nan, n_inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
-            raise FloatingPointError(
-                f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values; nothing after the last good "
-                f"state was saved. Last good state: {last_state or 'none (set --save_every to keep states)'}")
+def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
+    """None when every value is finite, else "<name> diverged at <where>: N NaN and M infinite values" for the first
+    quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
+    answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
+    names = list(quantities)
+    counts = torch.tensor([[int(torch.isnan(v).sum()), int(torch.isinf(v).sum())]
+                           for v in (torch.as_tensor(quantities[n]).detach() for n in names)])
+    if reduce is not None:
+        counts = reduce(counts.to(torch.as_tensor(quantities[names[0]]).device), "sum").cpu()
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):
+        if n_nan or n_inf:
+            return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
+    return None
 
 
 def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
@@ -1071,6 +1092,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
     # ---- data [N+ 1.A, 1.D.5]
     tokenizer = load_chain_tokenizer(args.sft_model_path, args.reward_model_path)
     pad, eos, R = tokenizer.pad_token_id, tokenizer.eos_token_id, args.response_length
+    logits_kept = R + 1 if args.response_logits_only else 0  # HF `logits_to_keep`: the last R+1 positions, or all
     dataset = load_splits(args.dataset)
     if "train" not in dataset or "validation" not in dataset:
         raise ValueError(f"{args.dataset} needs 'train' and 'validation' splits (found {list(dataset)})")
@@ -1086,14 +1108,17 @@ def train_ppo(args: Args, stop: StopOnSignal):
     if args.max_eval_samples is not None:
         for split in args.eval_splits if args.run_eval else ():
             dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
-    dataset["probe"] = probe_rows
+    if len(probe_rows):
+        dataset["probe"] = probe_rows
     with accelerator.main_process_first():
         dataset = tokenize_queries(dataset, tokenizer, args)
     train_queries = dataset["train"].with_format("torch", columns=["query_token"])[:]["query_token"]  # (N, Q)
     probe_share = args.validation_probe_size // derived.world_size  # [N+ 1.D.24] a fixed set; rank r takes share r
     rank = accelerator.process_index
-    probe = dataset["probe"].select(range(rank * probe_share, (rank + 1) * probe_share))
-    probe = probe.with_format("torch", columns=["id", "query_token", "reference_response_token"])[:]
+    with_probe = probe_share > 0
+    if with_probe:
+        probe = dataset["probe"].select(range(rank * probe_share, (rank + 1) * probe_share))
+        probe = probe.with_format("torch", columns=["id", "query_token", "reference_response_token"])[:]
 
     # ---- seeds [N+ 1.B.9]: each rank samples with its own seed; the prompt order comes from the global seed
     local_seed = args.seed + accelerator.process_index * 100003
@@ -1118,7 +1143,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
     model = PolicyAndValueWrapper(policy, critic)
     # [N+ 1.D.2] one AdamW for both networks, so one LR; torch's default betas and weight decay
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, **{args.adam_impl: True})
 
     if deepspeed_plugin is not None:  # [N+ 1.D.22] policy + value in the DeepSpeed engine (ZeRO-2 in the paper)
         ds_config = deepspeed_plugin.deepspeed_config
@@ -1153,11 +1178,12 @@ def train_ppo(args: Args, stop: StopOnSignal):
     eval_config = rollout_generation_config(args, tokenizer, args.eval_temperature)  # [N+ 1.D.24] T=0.01
 
     # The probe's reference summaries are scored once: the RM is frozen and the probe fixed.
-    with torch.no_grad(), accelerator.autocast():
-        probe_queries = trim_padding_columns(probe["query_token"].to(device), pad, "left")
-        probe_reference = probe["reference_response_token"].to(device)
-        probe_reference_scores = get_score(reward_model, torch.cat((probe_queries, probe_reference), 1), pad,
-                                           probe_queries.shape[1])
+    if with_probe:
+        with torch.no_grad(), accelerator.autocast():
+            probe_queries = trim_padding_columns(probe["query_token"].to(device), pad, "left")
+            probe_reference = probe["reference_response_token"].to(device)
+            probe_reference_scores = get_score(reward_model, torch.cat((probe_queries, probe_reference), 1), pad,
+                                               probe_queries.shape[1])
 
     start_update, episode, data_position = 1, 0, 0
     if resumed is not None:
@@ -1181,9 +1207,37 @@ def train_ppo(args: Args, stop: StopOnSignal):
                   "vf_clipfrac", "entropy", "entropy_with_padding", "ratio", "ratio_with_padding")
     local_batch_size, local_mini_batch_size = derived.local_batch_size, derived.local_mini_batch_size
     start_time, start_episode = time.time(), episode
+
+    def save_resumable(update: int, episode: int, data_position: int) -> str:
+        """A resumable state of the end of `update` (`save_state_atomic`); returns its folder."""
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        metrics_lines = count_lines(metrics_path) if accelerator.is_main_process else 0
+        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
+        save_state_atomic(accelerator, path, {
+            "update": update, "episode": episode, "data_position": data_position, "metrics_lines": metrics_lines,
+            "run_name": run_name, "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
+        }, args.keep_states)
+        return path
+
+    def stop_if_diverged(quantities: dict, where: str, weights_untouched: bool) -> None:
+        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). When no
+        optimizer step of this update has run yet, the weights are still those of the end of the previous update: they
+        are saved as its state (unless it is on disk already), so the last good state is never lost."""
+        problem = find_divergence(quantities, where, accelerator.reduce)
+        if problem is None:
+            return
+        kept = last_state
+        if weights_untouched and update > 1:
+            previous = os.path.join(args.output_dir, "checkpoints", f"update_{update - 1:06d}")
+            if last_state != previous:
+                kept = save_resumable(update - 1, episode - args.batch_size, data_position - args.batch_size)
+        progress.close()
+        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
+                                 f"{kept or 'none (no update had finished; --save_every keeps periodic states)'}")
     progress = tqdm(range(start_update, derived.num_updates + 1), initial=start_update - 1, total=derived.num_updates,
                     disable=not accelerator.is_local_main_process, desc="ppo")
     for update in progress:
+        update_start = time.time()
         episode += args.batch_size
         # [N+ 1.D.2] linear annealing by hand, at the start of every update
         lrnow = args.learning_rate * (1.0 - (update - 1.0) / derived.num_updates if args.anneal_lr else 1.0)
@@ -1196,11 +1250,12 @@ def train_ppo(args: Args, stop: StopOnSignal):
 
         # ---- 0. validation probe at T=0.01, scored by the RM [N+ 1.D.24]
         t0 = time.time()
-        with torch.no_grad(), accelerator.autocast():
-            _, probe_responses, validation_score = sample_and_score(unwrapped.policy, reward_model, probe_queries,
-                                                                    tokenizer, eval_config)
+        if with_probe:
+            with torch.no_grad(), accelerator.autocast():
+                _, probe_responses, validation_score = sample_and_score(unwrapped.policy, reward_model, probe_queries,
+                                                                        tokenizer, eval_config)
         time_probe = time.time() - t0
-        if args.sample_every > 0 and (update - 1) % args.sample_every == 0:
+        if with_probe and args.sample_every > 0 and (update - 1) % args.sample_every == 0:
             decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
             table = {
                 "id": accelerator.gather_for_metrics(probe["id"], use_gather_object=True),
@@ -1231,11 +1286,11 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 time_generation += time.time() - t0
                 t0 = time.time()
                 query_response = torch.cat((query, response), 1)  # (b, Q+R)
-                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8];
-                #    position Q-1+t predicts response token t, hence the slice Q-1 : -1
-                ref_logits = forward(ref_policy, query_response, pad).logits[:, context_length - 1 : -1]  # (b, R, V)
+                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8]
+                ref_output = forward(ref_policy, query_response, pad, logits_to_keep=logits_kept)
+                ref_logits = response_logits(ref_output.logits, R)  # (b, R, V)
                 ref_logprob = response_logprobs(ref_logits, response, args.temperature)  # (b, R)
-                del ref_logits
+                del ref_output, ref_logits
                 # 3. response processing 1: keep the first EOS, pad everything after it [N+ 1.D.9]
                 postprocessed_response = truncate_response(response, eos, pad)  # (b, R)
                 # 4. values of the raw (untruncated) rollout: causal attention keeps positions <= EOS+1 unchanged;
@@ -1285,15 +1340,16 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 advantages = masked_whiten(advantages, ~padding_mask)
             advantages = torch.masked_fill(advantages, padding_mask, 0)
             # divergence: stop before any optimizer step of this update, so no saved state holds a NaN
-            check_finite({"objective/scores": scores, "values": values, "logprobs": logprobs,
-                          "ref_logprobs": ref_logprobs, "rewards": rewards, "advantages": advantages,
-                          "returns": returns}, f"update {update} (episode {episode}), rollouts", last_state)
+            stop_if_diverged({"objective/scores": scores, "values": values, "logprobs": logprobs,
+                              "ref_logprobs": ref_logprobs, "rewards": rewards, "advantages": advantages,
+                              "returns": returns}, f"update {update} (episode {episode}), rollouts", True)
 
         # ---- 11. PPO epochs, a fresh shuffle each; one optimizer step per minibatch [N+ 1.D.19]
         t0 = time.time()
         model.train()
         stats = torch.zeros((len(stat_names), *stats_shape), device=device)
         first_minibatch_max_diff = torch.zeros((), device=device)
+        training_tokens = training_attention_pairs = 0  # sum of b*T and b*T^2 over the training forwards
         for ppo_epoch_idx in range(args.noptepochs):
             b_inds = np.random.permutation(local_batch_size)
             for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
@@ -1303,9 +1359,12 @@ def train_ppo(args: Args, stop: StopOnSignal):
                         mb = mini_batch_inds[micro_start : micro_start + args.local_micro_batch_size]
                         mb_query_responses = trim_padding_columns(query_responses[mb], pad, "left")  # (b, Q'+R)
                         mb_context_length = mb_query_responses.shape[1] - R
+                        training_tokens += mb_query_responses.numel()
+                        training_attention_pairs += mb_query_responses.numel() * mb_query_responses.shape[1]
                         mb_padding_mask, mb_value_padding_mask = padding_mask[mb], value_padding_mask[mb]
-                        output, vpred_temp = forward(model, mb_query_responses, pad)  # one pass through both nets
-                        logits = output.logits[:, mb_context_length - 1 : -1].float()  # (b, R, V)
+                        # one pass through both networks
+                        output, vpred_temp = forward(model, mb_query_responses, pad, logits_to_keep=logits_kept)
+                        logits = response_logits(output.logits, R).float()  # (b, R, V)
                         new_logprobs = response_logprobs(logits, responses[mb], args.temperature)  # (b, R)
                         new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
                         vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, R)
@@ -1316,9 +1375,10 @@ def train_ppo(args: Args, stop: StopOnSignal):
                                                                  ~mb_padding_mask, args.cliprange)
                         # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
                         loss = pg_loss + args.vf_coef * vf_loss
-                        check_finite({"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss},
-                                     f"update {update} (episode {episode}), PPO epoch {ppo_epoch_idx}, minibatch "
-                                     f"{minibatch_idx}, micro-batch {ga_idx}", last_state)
+                        stop_if_diverged({"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss},
+                                         f"update {update} (episode {episode}), PPO epoch {ppo_epoch_idx}, minibatch "
+                                         f"{minibatch_idx}, micro-batch {ga_idx}",
+                                         ppo_epoch_idx == 0 and minibatch_idx == 0)  # no step yet in this update
                         accelerator.backward(loss)
                         if args.max_grad_norm is not None and accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -1356,7 +1416,6 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 "objective/non_score_reward": non_score_reward.sum(1).mean(),
                 "objective/score_total": non_score_reward.sum(1).mean() + scores.mean(),
                 "objective/scores": scores.mean(),
-                "objective/validation_score": validation_score.float().mean(),
                 "objective/eos_fraction": contain_eos.float().mean(),
                 "objective/response_length": (sequence_lengths + 1).float().mean(),
                 "ppo/val/num_eos_tokens": (responses == eos).sum().float(),
@@ -1364,7 +1423,14 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 "check/approxkl_first_minibatch": stats[stat_names.index("approxkl"), 0, 0].mean(),
                 "time/generation": torch.tensor(time_generation), "time/scoring": torch.tensor(time_scoring),
                 "time/training": torch.tensor(time_training), "time/validation_probe": torch.tensor(time_probe),
+                "time/update": torch.tensor(time.time() - update_start),
+                # work done, for throughput and FLOP counts (benchmark/bench_ppo.py)
+                "perf/generated_tokens": torch.tensor(float(responses.numel())),
+                "perf/training_tokens": torch.tensor(float(training_tokens)),
+                "perf/training_attention_pairs": torch.tensor(float(training_attention_pairs)),
             }
+            if with_probe:
+                local["objective/validation_score"] = validation_score.float().mean()
             gathered = accelerator.gather(torch.stack([v.to(device).float() for v in local.values()]).unsqueeze(0))
             metrics = {"episodes": episode, **dict(zip(local, gathered.mean(0).tolist()))}
             metrics["check/max_abs_logprob_diff_first_minibatch"] = accelerator.gather(
@@ -1394,13 +1460,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
         signal_name = stop_signal_received(accelerator, stop)
         periodic = args.save_every > 0 and update % args.save_every == 0
         if update < derived.num_updates and (periodic or signal_name):
-            metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-            metrics_lines = count_lines(metrics_path) if accelerator.is_main_process else 0
-            last_state = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
-            save_state_atomic(accelerator, last_state, {
-                "update": update, "episode": episode, "data_position": data_position, "metrics_lines": metrics_lines,
-                "run_name": run_name, "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
-            }, args.keep_states)
+            last_state = save_resumable(update, episode, data_position)
         if signal_name and update < derived.num_updates:
             progress.close()
             accelerator.print(f"received {signal_name}: saved the state of update {update} (episode {episode}) "

@@ -934,16 +934,19 @@ def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
     return stop.received or "a stop signal (on another process)"
 
 
-def check_finite(quantities: dict, where: str, last_state: Optional[str]) -> None:
-    """Stop at the first NaN or infinite value: a diverged run would otherwise keep training on garbage for hours.
-    Raises FloatingPointError naming the quantity, where it appeared and the last good state to resume from."""
-    for name, value in quantities.items():
-        value = torch.as_tensor(value).detach()
-        if not torch.isfinite(value).all():
-            n_nan, n_inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
-            raise FloatingPointError(
-                f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values; nothing after the last good "
-                f"state was saved. Last good state: {last_state or 'none (set --save_every to keep states)'}")
+def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
+    """None when every value is finite, else "<name> diverged at <where>: N NaN and M infinite values" for the first
+    quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
+    answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
+    names = list(quantities)
+    counts = torch.tensor([[int(torch.isnan(v).sum()), int(torch.isinf(v).sum())]
+                           for v in (torch.as_tensor(quantities[n]).detach() for n in names)])
+    if reduce is not None:
+        counts = reduce(counts.to(torch.as_tensor(quantities[names[0]]).device), "sum").cpu()
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):
+        if n_nan or n_inf:
+            return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
+    return None
 
 
 def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
@@ -1094,6 +1097,32 @@ def train_reward(args: Args, stop: StopOnSignal):
         start, window = time.time(), []
         progress = tqdm(total=derived.num_updates, initial=update, disable=not accelerator.is_local_main_process,
                         desc="reward model")
+
+        def save_resumable() -> str:
+            """A resumable state after optimizer step `update` (`save_state_atomic`); returns its folder."""
+            metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+            path = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
+            save_state_atomic(accelerator, path, {
+                "update": update, "samples": samples, "accuracies": accuracies, "run_name": run_name,
+                "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
+                "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
+            }, args.keep_states)
+            return path
+
+        def stop_if_diverged(quantities: dict, where: str) -> None:
+            """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). The check
+            runs before the backward pass, so the weights are still those after optimizer step `update`: they are
+            saved as its state (unless it is on disk already), so the last good state is never lost."""
+            problem = find_divergence(quantities, where, accelerator.reduce)
+            if problem is None:
+                return
+            kept = last_state
+            if update > 0 and last_state != os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}"):
+                kept = save_resumable()
+            progress.close()
+            raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
+                                     f"{kept or 'none (it diverged before the first optimizer step)'}")
+
         batches = iter(loader)
         for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
             next(batches)
@@ -1105,9 +1134,8 @@ def train_reward(args: Args, stop: StopOnSignal):
                 # [N+ 1.C.4-5] chosen rows then rejected rows in one forward pass, read at the EOS token
                 chosen, rejected = reward_at_eos(model(batch["input_ids"], mask), mask).chunk(2)  # (B,), (B,)
                 loss = -F.logsigmoid(chosen - rejected).mean()  # [N+ 1.C.6]
-                check_finite({"train/rm/chosen_rewards": chosen, "train/rm/rejected_rewards": rejected,
-                              "train/rm/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})",
-                             last_state)
+                stop_if_diverged({"train/rm/chosen_rewards": chosen, "train/rm/rejected_rewards": rejected,
+                                  "train/rm/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -1131,13 +1159,7 @@ def train_reward(args: Args, stop: StopOnSignal):
                 signal_name = stop_signal_received(accelerator, stop)
                 periodic = args.save_every > 0 and update % args.save_every == 0
                 if update < derived.num_updates and (periodic or signal_name):
-                    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-                    last_state = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
-                    save_state_atomic(accelerator, last_state, {
-                        "update": update, "samples": samples, "accuracies": accuracies, "run_name": run_name,
-                        "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
-                        "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
-                    }, args.keep_states)
+                    last_state = save_resumable()
                 if signal_name and update < derived.num_updates:
                     progress.close()
                     accelerator.print(f"received {signal_name}: saved the state of optimizer step {update} in "

@@ -448,6 +448,27 @@ def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_da
     assert info["derived"]["gradient_accumulation_steps"] == 2
 
 
+def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path):
+    """--response_logits_only (LM head on the response positions only) and the fused AdamW change no result beyond
+    rounding: the reference's full logits with torch's default foreach AdamW give the same losses and KL over three
+    updates (weights updated in between). Without a probe the run logs no validation score, and the per-update work
+    counters match the batch shape."""
+    common = dict(total_episodes=24, validation_probe_size=0, run_eval=False)
+    fast = training_records(run_ppo(llama_chain, sft_data, str(tmp_path / "fast"), **common))
+    slow = training_records(run_ppo(llama_chain, sft_data, str(tmp_path / "slow"), response_logits_only=False,
+                                    adam_impl="foreach", **common))
+    assert len(fast) == len(slow) == 3
+    for f, s in zip(fast, slow):
+        for key in ("objective/kl", "objective/scores", "ppo/loss/policy_avg", "ppo/loss/value_avg",
+                    "ppo/policy/approxkl_avg", "ppo/policy/entropy_avg", "check/max_abs_logprob_diff_first_minibatch"):
+            assert math.isclose(f[key], s[key], rel_tol=1e-4, abs_tol=1e-5), (key, f[key], s[key])
+        assert "objective/validation_score" not in f and f["time/validation_probe"] < 0.01
+        assert f["perf/generated_tokens"] == 8 * SMALL["response_length"]
+        # 4 epochs x 2 micro-batches of 4, each at least response_length + 1 wide
+        assert f["perf/training_tokens"] >= 4 * 8 * (SMALL["response_length"] + 1)
+        assert f["perf/training_attention_pairs"] > f["perf/training_tokens"] * SMALL["response_length"]
+
+
 def test_resumed_run_equals_an_uninterrupted_one(llama_chain, sft_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -582,6 +603,47 @@ def test_sigterm_saves_a_state_and_the_resumed_run_equals_an_uninterrupted_one(l
     assert_same_weights(str(tmp_path / "full"), out)
 
 
+def test_sigkill_during_a_state_save_resumes_from_the_previous_state(llama_chain, sft_data, tmp_path):
+    """A real SIGKILL while the state of update 2 is being written (its files are on disk, its manifest is not): the
+    half-written `.tmp` folder is never taken for a state, --resume continues from update 1, and the run ends
+    bit-identical to one that was never interrupted."""
+    import time
+
+    common = dict(total_episodes=32, save_every=1, keep_states=2, run_eval=False, sample_every=0)
+    full = run_ppo(llama_chain, sft_data, str(tmp_path / "full"), **common)
+    out, marker = str(tmp_path / "killed"), str(tmp_path / "saving")
+    # the script itself, with the manifest step of the second save held until the process is killed
+    driver = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import ppo_tldr as P, tyro\n"
+              "original = P.file_sha256\n"
+              "def held(path):\n"
+              "    if 'update_000002.tmp' in path:\n"
+              f"        open({marker!r}, 'w').close(); time.sleep(600)\n"
+              "    return original(path)\n"
+              "P.file_sha256 = held\n"
+              "P.main(tyro.cli(P.Args))\n")
+    cmd = [sys.executable, "-c", driver, "--sft_model_path", llama_chain[0], "--reward_model_path", llama_chain[1],
+           "--dataset", sft_data, "--output_dir", out]
+    for key, value in {**SMALL, **common}.items():
+        cmd += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{'' if value else 'no_'}{key}"]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not os.path.exists(marker):
+            assert proc.poll() is None, open(tmp_path / "log.txt").read()[-3000:]
+            assert time.time() < deadline, "the second save never started"
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no handler runs
+        assert proc.wait(timeout=60) == -9
+    root = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(root)) == ["update_000001", "update_000002.tmp"]
+    assert os.path.exists(os.path.join(root, "update_000002.tmp", "model.safetensors"))  # written, but no manifest
+    assert P.latest_valid_state(root)[0] == os.path.join(root, "update_000001")
+    resumed = run_ppo(llama_chain, sft_data, out, resume=True, **common)
+    assert strip_wall_clock(full) == strip_wall_clock(resumed)
+    assert_same_weights(str(tmp_path / "full"), out)
+
+
 def test_resume_skips_a_corrupt_state_and_a_save_killed_midway(llama_chain, sft_data, tmp_path, monkeypatch, capsys):
     """States every update, keep 2. The newest kept state is truncated (a corrupt file), a newer folder lacks its
     manifest and an `.tmp` folder is left behind (SIGKILL during a save): resume falls back to the state before,
@@ -627,15 +689,19 @@ def test_resume_skips_a_corrupt_state_and_a_save_killed_midway(llama_chain, sft_
     assert not [n for n in os.listdir(root) if n.endswith(".tmp")]  # the next save cleared the leftover
 
 
-@pytest.mark.parametrize("target, first_bad_call, message", [
-    ("apply_missing_eos_penalty", 3, r"objective/scores diverged at update 3 \(episode 24\), rollouts: 8 NaN"),
-    ("value_loss", 2 * 4 * 2 + 1,  # 2 updates x 4 epochs x 2 micro-batches
-     r"ppo/loss/value diverged at update 3 \(episode 24\), PPO epoch 0, minibatch 0, micro-batch 0: 1 NaN"),
-], ids=["scores", "value_loss"])
+@pytest.mark.parametrize("target, first_bad_call, message, saved", [
+    ("apply_missing_eos_penalty", 3, r"objective/scores diverged at update 3 \(episode 24\), rollouts: 8 NaN", True),
+    ("value_loss", 2 * 4 * 2 + 1,  # 2 updates x 4 epochs x 2 micro-batches, then the first of update 3
+     r"ppo/loss/value diverged at update 3 \(episode 24\), PPO epoch 0, minibatch 0, micro-batch 0: 1 NaN", True),
+    ("value_loss", 2 * 4 * 2 + 2 + 1,  # update 3, epoch 1: the weights have moved within the update
+     r"ppo/loss/value diverged at update 3 \(episode 24\), PPO epoch 1, minibatch 0, micro-batch 0: 1 NaN", False),
+], ids=["scores", "value_loss", "value_loss_mid_update"])
 def test_a_nan_stops_the_run_at_its_update_and_keeps_the_last_good_state(llama_chain, sft_data, tmp_path,
-                                                                         monkeypatch, target, first_bad_call, message):
-    """A NaN appearing in update 3 (in the scores, or in the value loss) stops the run there, naming the quantity
-    and the update; the state of update 2 is kept, complete, and no later state is written."""
+                                                                         monkeypatch, target, first_bad_call, message,
+                                                                         saved):
+    """A NaN appearing in update 3 stops the run there, naming the quantity and the place. Without periodic states
+    (--save_every 0), the weights of the end of update 2 are saved as a complete, resumable state when no optimizer
+    step of update 3 has run yet; once one has, the weights are mid-update and nothing is saved."""
     original, calls = getattr(P, target), []
 
     def poisoned(*args, **kwargs):
@@ -648,8 +714,20 @@ def test_a_nan_stops_the_run_at_its_update_and_keeps_the_last_good_state(llama_c
     monkeypatch.setattr(P, target, poisoned)
     out = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match=message) as info:
-        run_ppo(llama_chain, sft_data, out, total_episodes=48, save_every=2, run_eval=False, sample_every=0)
+        run_ppo(llama_chain, sft_data, out, total_episodes=48, save_every=0, run_eval=False, sample_every=0)
     root = os.path.join(out, "checkpoints")
-    assert f"Last good state: {os.path.join(root, 'update_000002')}" in str(info.value)
-    assert os.listdir(root) == ["update_000002"] and P.state_problem(os.path.join(root, "update_000002")) is None
     assert len(training_records(read_metrics(out))) == 2
+    if not saved:
+        assert str(info.value).endswith("Last good state: none (no update had finished; --save_every keeps periodic "
+                                        "states)") and not os.path.exists(root)
+        return
+    state = os.path.join(root, "update_000002")
+    assert f"Last good state: {state}" in str(info.value)
+    assert os.listdir(root) == ["update_000002"] and P.state_problem(state) is None
+    trainer_state = json.load(open(os.path.join(state, "trainer_state.json")))
+    assert (trainer_state["update"], trainer_state["episode"], trainer_state["data_position"]) == (2, 16, 16)
+    # it resumes: with the poison gone, the run finishes from update 3
+    monkeypatch.setattr(P, target, original)
+    resumed = training_records(run_ppo(llama_chain, sft_data, out, total_episodes=48, save_every=0, run_eval=False,
+                                       sample_every=0, resume=True))
+    assert [r["episodes"] for r in resumed] == [8 * u for u in range(1, 7)]

@@ -480,10 +480,12 @@ def test_a_nan_reward_stops_the_run_and_keeps_the_last_good_state(sft_llama, rm_
     with pytest.raises(FloatingPointError, match=r"train/rm/chosen_rewards diverged at optimizer step 3 "
                                                  r"\(micro-batch 8\): 2 NaN and 0 infinite values") as info:
         rm.main(small_args(sft_model_path=sft_llama, dataset=rm_data, sft_dataset=sft_data, output_dir=out,
-                           total_episodes=48, save_every=2))
+                           total_episodes=48, save_every=0))
+    # no periodic states: the weights after step 2 (untouched by the NaN step) are saved when it diverges
     root = os.path.join(out, "checkpoints")
     assert info.value.args[0].endswith(f"Last good state: {os.path.join(root, 'update_000002')}")
     assert os.listdir(root) == ["update_000002"] and rm.state_problem(os.path.join(root, "update_000002")) is None
+    assert json.load(open(os.path.join(root, "update_000002", "trainer_state.json")))["update"] == 2
 
 
 def test_resume_skips_a_corrupt_state_after_a_crash(sft_llama, rm_data, sft_data, tmp_path, monkeypatch, capsys):

@@ -372,9 +372,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_state(tiny_model, sft_
     with pytest.raises(FloatingPointError, match=r"train/sft/loss diverged at optimizer step 4 \(micro-batch 12\): "
                                                  r"1 NaN and 0 infinite values") as info:
         sft.main(small_args(tiny_model, sft_data, out, run_eval=False, save_every=2))
+    # the periodic state of step 2, and the weights after step 3 (untouched by the NaN step) saved when it diverged
     root = os.path.join(out, "checkpoints")
-    assert info.value.args[0].endswith(f"Last good state: {os.path.join(root, 'update_000002')}")
-    assert os.listdir(root) == ["update_000002"] and sft.state_problem(os.path.join(root, "update_000002")) is None
+    assert info.value.args[0].endswith(f"Last good state: {os.path.join(root, 'update_000003')}")
+    assert sorted(os.listdir(root)) == ["update_000002", "update_000003"]
+    assert sft.state_problem(os.path.join(root, "update_000003")) is None
+    assert json.load(open(os.path.join(root, "update_000003", "trainer_state.json")))["update"] == 3
+    monkeypatch.setattr(sft, "sft_loss", original)  # the run resumes from there and finishes
+    sft.main(small_args(tiny_model, sft_data, out, run_eval=False, save_every=2, resume=True))
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------
