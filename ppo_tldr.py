@@ -56,7 +56,9 @@ Launch:
 
 Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
 newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
-(143/130); a NaN or Inf score, value, log-prob, reward, advantage or loss stops the run at once, naming the quantity, the step and the last good state.
+(143/130); a NaN or Inf score, value, log-prob, reward, advantage or loss stops the run at once, naming the quantity
+and the step, and saves the last good state when the weights are still those of the previous update. Malformed rows
+are errors naming the row; rows with an empty post or summary are skipped, counted (data/<split>/skipped/<reason>).
 
 Metrics (appended to <output_dir>/metrics.jsonl; x-axis `episodes` = rollouts so far, in every record; the shared
 Logger also writes the same number as `samples`). Each is a mean over the whole update, gathered across ranks:
@@ -394,6 +396,47 @@ def load_splits(dataset: str, name: Optional[str] = None):
     if not splits:
         raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
     return datasets.DatasetDict(splits)
+
+
+def sft_row_problem(row: dict, name: str) -> Optional[str]:
+    """Why an SFT row is skipped (None: keep it); a ValueError naming the row when it is malformed.
+
+    Malformed, an error (the data is not in the hub schema): subreddit, title, post or summary not a string (a
+    number, a list, null), an id that is neither a string nor an integer. Skipped, counted and logged (well-formed
+    but nothing to learn from): an empty post ("empty_post") and an empty summary ("empty_summary"), whose reference
+    response would be a bare EOS."""
+    bad = {k: row[k] for k in ("subreddit", "title", "post", "summary") if not isinstance(row[k], str)}
+    if bad or isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise ValueError(f"{name}: id must be a string or an integer and subreddit, title, post, summary strings; "
+                         f"got {({'id': row['id'], **bad})!r:.300}")
+    if not row["post"].strip():
+        return "empty_post"
+    if not row["summary"].strip():
+        return "empty_summary"
+    return None
+
+
+def drop_bad_rows(dataset):
+    """Check every split's rows before use, as sft_tldr.py does: a missing column, a malformed row or a repeated id is
+    an error naming the split and row; rows with an empty post or summary are dropped and counted by reason in
+    skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
+    from collections import Counter
+
+    required = ("id", "subreddit", "title", "post", "summary")
+    skipped = {}
+    for split, ds in dataset.items():
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
+        repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
+        if repeated:  # the same post twice would be sampled twice as often, and duplicated in evaluation tables
+            rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
+            raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
+        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
+        skipped[split] = dict(Counter(r for r in reasons if r))
+        if skipped[split]:
+            dataset[split] = ds.select([i for i, r in enumerate(reasons) if not r])
+    return dataset, skipped
 
 
 def tokenize_queries(dataset, tokenizer, args: Args):
@@ -1101,6 +1144,13 @@ def train_ppo(args: Args, stop: StopOnSignal):
         raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
     keep = {"train", "validation", *(args.eval_splits if args.run_eval else ())}
     dataset = type(dataset)({s: ds for s, ds in dataset.items() if s in keep})
+    dataset, skipped = drop_bad_rows(dataset)
+    data_metrics = {}
+    for split, ds in dataset.items():
+        data_metrics[f"data/{split}/rows"] = len(ds)
+        for reason, n in sorted(skipped[split].items()):
+            data_metrics[f"data/{split}/skipped/{reason}"] = n
+            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see sft_row_problem)")
     probe_rows = dataset["validation"].select(range(min(args.validation_probe_size, len(dataset["validation"]))))
     if len(probe_rows) < args.validation_probe_size:
         raise ValueError(f"validation has {len(probe_rows)} rows, fewer than --validation_probe_size "
@@ -1194,6 +1244,8 @@ def train_ppo(args: Args, stop: StopOnSignal):
         accelerator.print(f"resumed from {checkpoint} at update {start_update}, episode {episode}")
     last_state = checkpoint  # the newest good state on disk, named when the run diverges
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
+    if resumed is None:  # a resumed run kept this record in metrics.jsonl
+        logger.log({"episodes": 0, **data_metrics}, 0)
     accelerator.print(
         f"{derived.num_updates} updates x {args.batch_size} rollouts; per process {derived.local_batch_size} = "
         f"{args.local_micro_batch_size} micro x {derived.gradient_accumulation_steps} accumulation x "

@@ -412,6 +412,37 @@ NPLUS_METRICS = [
 ]
 
 
+def write_ppo_data(folder, train_rows):
+    from conftest import sft_rows, write_jsonl
+
+    os.makedirs(folder, exist_ok=True)
+    write_jsonl(os.path.join(folder, "train.jsonl"), train_rows)
+    write_jsonl(os.path.join(folder, "validation.jsonl"), sft_rows(8, 2))
+    return folder
+
+
+def test_bad_rows_are_skipped_and_counted_or_named(llama_chain, tmp_path):
+    """The prompts are checked as in SFT: an empty post or summary is a counted skip logged in metrics.jsonl (never
+    sampled), a malformed row and a repeated id are errors naming the split and row."""
+    from conftest import sft_rows
+
+    rows = sft_rows(24, 5)
+    rows[3]["post"], rows[7]["summary"], rows[9]["post"] = "  ", "", "\n"
+    data = write_ppo_data(str(tmp_path / "skips"), rows)
+    records = run_ppo(llama_chain, data, str(tmp_path / "run"), total_episodes=8, run_eval=False, sample_every=0)
+    assert records[0]["data/train/skipped/empty_post"] == 2 and records[0]["data/train/skipped/empty_summary"] == 1
+    assert records[0]["data/train/rows"] == 21 and records[0]["data/validation/rows"] == 8
+
+    bad = sft_rows(24, 5)
+    bad[4]["title"] = None
+    with pytest.raises(ValueError, match=r"split 'train' row 4 \(id='t5_4'\): .*'title': None"):
+        run_ppo(llama_chain, write_ppo_data(str(tmp_path / "bad"), bad), str(tmp_path / "run2"), run_eval=False)
+    twice = sft_rows(24, 5)
+    twice[6]["id"] = twice[2]["id"]
+    with pytest.raises(ValueError, match=r"split 'train': 1 ids repeat, e.g. id='t5_2' in rows \[2, 6\]"):
+        run_ppo(llama_chain, write_ppo_data(str(tmp_path / "twice"), twice), str(tmp_path / "run3"), run_eval=False)
+
+
 def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_data, tmp_path):
     """GPT-2 (absolute positions) with left-padded queries of different lengths: the first minibatch of the first
     epoch must see ratio 1 and approxkl ~0, i.e. the rollout's log-probs equal the training forward's."""
@@ -538,6 +569,46 @@ def test_two_process_run_gathers_sane_metrics(llama_chain, sft_data, tmp_path):
     assert probe["id"].tolist() == split_ids(sft_data, "validation")[:4]  # 2 probe queries per rank
     ckpt = os.path.join(out, "checkpoints", "update_000001")
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(os.listdir(ckpt))
+
+
+def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_result(llama_chain, sft_data, tmp_path):
+    """Preemption of a 2-process run as a cluster does it: SIGTERM to the launcher and both workers at once (the
+    process group). The ranks agree on stopping at the same update, save one state holding both ranks' RNG states,
+    and the resumed 2-process run ends bit-identical to an uninterrupted one."""
+    import signal
+    import time
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                os.path.join(ROOT, "ppo_tldr.py"), "--sft_model_path", llama_chain[0], "--reward_model_path", llama_chain[1], "--dataset", sft_data,
+                "--output_dir", out, "--query_length", "64", "--response_length", "12", "--batch_size", "16",
+                "--local_micro_batch_size", "4", "--local_rollout_forward_batch_size", "4", "--total_episodes", "96",
+                "--validation_probe_size", "2", "--sample_every", "0", "--no_run_eval", *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = str(tmp_path / "full")
+    proc = subprocess.run(command(full), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = str(tmp_path / "preempted")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(command(out), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group, as a batch job step
+        metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 300
+        while not (os.path.exists(metrics) and open(metrics).read().count("objective/scores")):
+            assert proc.poll() is None and time.time() < deadline, open(tmp_path / "log.txt").read()[-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+    printed = open(tmp_path / "log.txt").read()
+    states = os.listdir(os.path.join(out, "checkpoints"))
+    assert len(states) == 1 and states[0] < "update_000006", (states, printed[-3000:])
+    assert printed.count(f"received SIGTERM: saved the state of update {int(states[0][-6:])}") == 1  # rank 0 says it
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(os.path.join(out, "checkpoints",
+                                                                                         states[0])))
+    proc = subprocess.run(command(out, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert strip_wall_clock(read_metrics(full)) == strip_wall_clock(read_metrics(out))
+    assert_same_weights(full, out)
 
 
 def test_score_rises_with_a_toy_reward_model(tiny_model, sft_data, tmp_path):
