@@ -226,6 +226,9 @@ class Args:
     """compute the LM head only where log-probs are read (the R response positions) in the reference and training
     forwards, instead of at every query position: same log-probs, fewer FLOPs, and the (B, T, V) logits tensor shrinks
     to (B, R+1, V) (README "Throughput"); False = the reference's full logits"""
+    fp32_heads: bool = True
+    """under bf16/fp16 autocast, run the LM heads and the value/reward heads in fp32 (`fp32_head`): bf16 logits make
+    the sampler's and the training forward's log-probs differ (README "Throughput"); no effect in fp32 runs"""
     adam_impl: Literal["fused", "foreach"] = "fused"
     """torch AdamW kernel: fused (one kernel over all parameters) or foreach (torch's default); the same update rule,
     rounding aside (README "Throughput")"""
@@ -691,6 +694,23 @@ class PolicyAndValueWrapper(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return self.policy(**kwargs, use_cache=False, logits_to_keep=logits_to_keep), self.critic(**kwargs)
+
+
+def fp32_head(linear: nn.Linear) -> None:
+    """Run one output projection in fp32 under bf16/fp16 autocast (a no-op in fp32 runs).
+
+    The PPO ratio compares log-probs from two different computations (the sampler's incremental forward and the
+    training forward); with bf16 logits each carries its own rounding, up to 0.3 nats per token for SmolLM2 on CPU,
+    so the first minibatch is no longer on-policy. Upcasting the last hidden state and the head's weight for this one
+    matmul leaves only the (much smaller) bf16 noise of the trunk. Set on the instance, so the module, its tied weight
+    and the saved checkpoint are unchanged."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if linear.bias is None else linear.bias.float()
+            return F.linear(hidden.float(), linear.weight.float(), bias)
+
+    linear.forward = forward
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -1184,6 +1204,11 @@ def train_ppo(args: Args, stop: StopOnSignal):
     for m in (policy, ref_policy, critic.model, reward_model.model):
         disable_dropout(m)
     ref_policy.config.use_cache = False  # full forwards only: do not keep a KV cache of every query
+    if args.fp32_heads:  # LM heads (log-probs, KL) and value/reward heads in fp32 under mixed precision
+        for m in (policy, ref_policy):
+            fp32_head(m.get_output_embeddings())
+        for m in (critic.model, reward_model.model):
+            fp32_head(m.score)
     # A fresh generation config: the checkpoint's own may carry EOS ids or processors (repetition penalty, ...) that
     # generate() would merge into ours and that the training forward would not reproduce [N+ 1.D.6].
     policy.generation_config = sampling_config(args.response_length, args.temperature)

@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--query_tokens", type=int, default=200, help="formatted query length of the chosen prompts")
     p.add_argument("--updates", type=int, default=3, help="updates per run; the first is a warm-up")
     p.add_argument("--runs", type=int, default=3, help="runs per system (median reported)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, fp32 weights")
+    p.add_argument("--precision", default="fp32",
+                   help="ppo_tldr.py precision(s), comma-separated: fp32, bf16 (autocast over fp32 weights), or both")
     p.add_argument("--trl", action="store_true", help="also run TRL 1.12.0 (fp32 unless --trl_precision)")
     p.add_argument("--trl_precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--check_numerics", action="store_true",
@@ -275,8 +276,8 @@ def save_replay(models: dict, prompts: list[list[int]], args, path: str) -> None
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_ours(args, models: dict, out: str, k: int, precision: str, replay: str = None) -> list[dict]:
-    run_dir = os.path.join(out, f"ours_run{k}")
+def run_ours(args, models: dict, out: str, k: int, precision: str, replay: str = None, tag: str = "") -> list[dict]:
+    run_dir = os.path.join(out, f"ours{'_' + tag if tag else ''}_run{k}")
     flags = ["--sft_model_path", models["sft"], "--reward_model_path", models["rm"], "--dataset",
              os.path.join(out, "data"), "--output_dir", run_dir, "--response_length", str(args.response_length),
              "--batch_size", str(args.batch), "--local_micro_batch_size", str(args.micro_batch),
@@ -331,9 +332,10 @@ def check_numerics(args, models, out, prompts) -> dict:
     with open(os.path.join(out, "data", "train.jsonl"), "w") as f:  # one update: exactly the replayed prompts
         f.writelines(rows)
     one = argparse.Namespace(**{**vars(args), "updates": 1})
-    ours = run_ours(one, models, out, 0, args.precision, replay=replay)[0]
+    ours = run_ours(one, models, out, 0, args.precisions[0], replay=replay)[0]
     trl = run_trl(one, models, out, 0, prompts[: args.batch], replay=replay)[0]
-    print(f"\nfirst update on the same {args.batch} saved rollouts ({args.precision}):")
+    print(f"\nfirst update on the same {args.batch} saved rollouts (ppo_tldr.py {args.precisions[0]}, TRL "
+          f"{args.trl_precision}):")
     print(f"{'ppo_tldr.py metric':40s}{'ppo_tldr.py':>16s}{'TRL 1.12.0':>16s}{'rel. diff':>12s}")
     result = {}
     for mine, theirs in NUMERICS.items():
@@ -348,7 +350,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.check_numerics:
         args.trl = True
-    out = args.out_dir or os.path.join("runs", "bench", f"{args.model}_{args.precision}")
+    args.precisions = args.precision.split(",")
+    if not set(args.precisions) <= {"fp32", "bf16"}:
+        raise SystemExit(f"--precision {args.precision}: expected fp32, bf16 or fp32,bf16")
+    out = args.out_dir or os.path.join("runs", "bench", f"{args.model}_{'_'.join(args.precisions)}")
     out = os.path.join(ROOT, out) if not os.path.isabs(out) else out
     os.makedirs(out, exist_ok=True)
     import torch
@@ -364,31 +369,33 @@ def main(argv=None) -> None:
         with open(os.path.join(out, "numerics.json"), "w") as f:
             json.dump(summary, f, indent=1)
         return
-    peaks = {p: matmul_peak_gflops(p) for p in {args.precision, args.trl_precision if args.trl else args.precision}}
+    peaks = {p: matmul_peak_gflops(p) for p in sorted({*args.precisions, args.trl_precision})}
     summary["matmul_peak_gflops"] = peaks
     print("matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in peaks.items()), flush=True)
-    per_run = {"ppo_tldr": [], "trl": []}
-    for k in range(args.runs):  # alternate the systems, so drifting machine load hits both alike
-        records = run_ours(args, models, out, k, args.precision)
-        per_run["ppo_tldr"].append(summarise(records, models, args, peaks[args.precision]))
+    names = [f"ppo_tldr {p}" for p in args.precisions] + ([f"TRL 1.12.0 {args.trl_precision}"] if args.trl else [])
+    per_run = {name: [] for name in names}
+    for k in range(args.runs):  # alternate the systems, so drifting machine load hits all alike
+        for precision in args.precisions:
+            records = run_ours(args, models, out, k, precision, tag=precision)
+            per_run[f"ppo_tldr {precision}"].append(summarise(records, models, args, peaks[precision]))
         if args.trl:
             records = run_trl(args, models, out, k, prompts)
-            per_run["trl"].append(summarise(records, models, args, peaks[args.trl_precision]))
+            per_run[names[-1]].append(summarise(records, models, args, peaks[args.trl_precision]))
     summary["runs"] = per_run
-    rows = {f"ppo_tldr {args.precision}": median_over_runs(per_run["ppo_tldr"])}
-    if args.trl:
-        rows[f"TRL 1.12.0 {args.trl_precision}"] = median_over_runs(per_run["trl"])
+    rows = {name: median_over_runs(per_run[name]) for name in names}
     summary["median"] = rows
     print(f"\n{args.model}, batch {args.batch}, micro-batch {args.micro_batch}, {args.epochs} epochs, response "
           f"{args.response_length}, queries ~{args.query_tokens} tokens; median of {args.runs} runs, "
           f"{args.updates - 1} steady updates each")
     print_table(rows)
     if args.trl:
-        mine, theirs = rows[f"ppo_tldr {args.precision}"], rows[f"TRL 1.12.0 {args.trl_precision}"]
-        ratios = [a["episodes_per_s"] / b["episodes_per_s"] for a, b in zip(per_run["ppo_tldr"], per_run["trl"])]
-        summary["speedup_median"] = statistics.median(ratios)
-        print(f"episodes/s ratio ppo_tldr / TRL: median {summary['speedup_median']:.2f}x "
-              f"(runs: {', '.join(f'{r:.2f}' for r in ratios)})")
+        summary["speedup_median"] = {}
+        for precision in args.precisions:
+            ratios = [a["episodes_per_s"] / b["episodes_per_s"]
+                      for a, b in zip(per_run[f"ppo_tldr {precision}"], per_run[names[-1]])]
+            summary["speedup_median"][precision] = statistics.median(ratios)
+            print(f"episodes/s ratio ppo_tldr {precision} / TRL {args.trl_precision}: median "
+                  f"{statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})")
     floor = summary["memory_floor"]
     print(f"memory the four models must hold: {floor['total_gib']:.2f} GiB (trained weights+grads+AdamW "
           f"{floor['trained_gib']:.2f}, frozen weights {floor['frozen_gib']:.2f}); peak measured "

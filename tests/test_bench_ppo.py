@@ -69,7 +69,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model, sft_data, tmp_pat
     assert row["generation_s"] + row["scoring_s"] + row["training_s"] <= row["update_s"]
     # useful FLOPs can only be a fraction of what the same device's best matmul reaches
     assert 0 < row["training_fraction_of_matmul_peak"] < 1
-    records = [json.loads(x) for x in open(os.path.join(out, "ours_run0", "metrics.jsonl")) if "time/update" in x]
+    records = [json.loads(x) for x in open(os.path.join(out, "ours_fp32_run0", "metrics.jsonl")) if "time/update" in x]
     assert [r["perf/generated_tokens"] for r in records] == [4 * 8, 4 * 8]
     prompts = [json.loads(x) for x in open(os.path.join(out, "data", "train.jsonl"))]
     assert len(prompts) == 8  # batch x updates rows, all near the asked query length

@@ -500,6 +500,26 @@ def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path):
         assert f["perf/training_attention_pairs"] > f["perf/training_tokens"] * SMALL["response_length"]
 
 
+def test_fp32_head_under_bf16_autocast(tiny_model):
+    """--fp32_heads: under bf16 autocast the LM head returns fp32 logits equal to an fp32 matmul of the (bf16) hidden
+    state, where the plain head returns bf16; the tied weight and the state-dict keys are unchanged."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    head = model.get_output_embeddings()
+    keys = list(model.state_dict())
+    hidden = torch.randn(2, 5, head.in_features).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = head(hidden)
+        P.fp32_head(head)
+        upcast = head(hidden)
+    assert plain.dtype == torch.bfloat16 and upcast.dtype == torch.float32
+    assert torch.equal(upcast, F.linear(hidden.float(), head.weight))
+    assert (upcast - plain.float()).abs().max() > 0  # bf16 logits were rounded
+    assert head.weight is model.get_input_embeddings().weight and list(model.state_dict()) == keys
+
+
 def test_resumed_run_equals_an_uninterrupted_one(llama_chain, sft_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -521,13 +541,13 @@ def test_resumed_run_equals_an_uninterrupted_one(llama_chain, sft_data, tmp_path
         run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), **common)
     monkeypatch.setattr(P, "prompt_indices", original)
     assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["update_000002"]
-    assert len(read_metrics(str(tmp_path / "resumed"))) == 3
+    assert len(read_metrics(str(tmp_path / "resumed"))) == 1 + 3  # the data record, then updates 1-3
     resumed = run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), resume=True, **common)
 
     def strip(records):  # wall-clock numbers differ; everything else must be bit-identical
         return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "ppo/eps"} for r in records]
 
-    assert len(full) == len(resumed) == 4 + 2  # no update logged twice
+    assert len(full) == len(resumed) == 1 + 4 + 2  # data, 4 updates, 2 evaluations: no update logged twice
     assert strip(full) == strip(resumed)
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
@@ -669,7 +689,7 @@ def test_sigterm_saves_a_state_and_the_resumed_run_equals_an_uninterrupted_one(l
     assert len(states) == 1 and states[0] < "update_000006", states  # stopped before the last update
     assert f"received SIGTERM: saved the state of update {int(states[0][-6:])}" in output
     resumed = run_ppo(llama_chain, sft_data, out, resume=True, **common)
-    assert len(full) == len(resumed) == 6
+    assert len(full) == len(resumed) == 1 + 6  # the data record and 6 updates
     assert strip_wall_clock(full) == strip_wall_clock(resumed)
     assert_same_weights(str(tmp_path / "full"), out)
 
