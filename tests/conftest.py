@@ -139,3 +139,15 @@ def comparison_data(tmp_path_factory):
     write_jsonl(os.path.join(d, "train.jsonl"), comparison_rows(64, 10))
     write_jsonl(os.path.join(d, "validation.jsonl"), comparison_rows(16, 20, "validation"))
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny models on shared cores only spin with a second one (runs were 10x slower under load),
+    and in-process and subprocess runs compared bit for bit must use the same number of threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

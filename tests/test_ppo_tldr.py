@@ -61,13 +61,7 @@ def make_chain(base: str, out: str, reward_bias: float = 0.0, zero_score_head: b
     return sft, rm_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: a second intra-op thread only spins (runs were 10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

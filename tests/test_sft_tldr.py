@@ -309,13 +309,6 @@ def test_zero_episodes_evaluates_the_untrained_model(tiny_model, sft_data, tmp_p
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """In-process and subprocess runs compared bit for bit must use the same number of intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def without_wall_clock(path):
