@@ -87,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--check_numerics", action="store_true",
                    help="one update of both systems on the same saved rollouts; prints their logged losses side by "
                         "side (implies --trl; no timing)")
-    p.add_argument("--ours_flags", default="", help="extra ppo_tldr.py flags (ablations), e.g. '--adam_impl foreach'")
+    p.add_argument("--ours_flags", default="",
+                   help="extra ppo_tldr.py flags (ablations), e.g. --ours_flags='--adam_impl foreach'")
     p.add_argument("--learning_rate", type=float, default=3e-6)
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args(argv)
