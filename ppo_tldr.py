@@ -44,6 +44,10 @@ Deviations from the reference code (each deliberate; none changes the algorithm)
   * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
     [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set.
   * Tables are CSV files with decoded text (special tokens removed) instead of `datasets.save_to_disk` folders.
+  * The reference and training forwards compute the LM head only on the R+1 last positions (`logits_to_keep`), the
+    only ones whose log-probs are read (--response_logits_only): same log-probs, 9% less time per update for
+    SmolLM2 on CPU. Under bf16 autocast the LM and value/reward heads run in fp32 (--fp32_heads).
+  * Prompts are checked as SFT rows: malformed rows and repeated ids are errors, empty posts or summaries skipped.
 
 Launch:
   python ppo_tldr.py --sft_model_path runs/sft --reward_model_path runs/rm      # paper defaults, one GPU (GA 32)
