@@ -424,8 +424,8 @@ def sft_row_problem(row: dict, name: str) -> Optional[str]:
 
 
 def drop_bad_rows(dataset):
-    """Check every split's rows before use, as sft_tldr.py does: a missing column, a malformed row or a repeated id is
-    an error naming the split and row; rows with an empty post or summary are dropped and counted by reason in
+    """Check every split's rows before use: a missing column, a malformed row or a repeated id is an error naming the
+    split and row; rows with an empty post or summary are dropped and counted by reason in
     skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
     from collections import Counter
 
@@ -436,7 +436,7 @@ def drop_bad_rows(dataset):
         if missing:
             raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
         repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
-        if repeated:  # the same post twice would be sampled twice as often, and duplicated in evaluation tables
+        if repeated:  # the same post twice is a data-preparation error: trained, sampled or evaluated twice
             rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
             raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
         reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
@@ -449,13 +449,8 @@ def drop_bad_rows(dataset):
 def tokenize_queries(dataset, tokenizer, args: Args):
     """Add query_token (left-padded to Q) and reference_response_token (right-padded to R) to every split [N+ 1.A]."""
     pad, Q, R = tokenizer.pad_token_id, args.query_length, args.response_length
-    required = ("id", "subreddit", "title", "post", "summary")
-    for split, ds in dataset.items():
-        missing = [c for c in required if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
 
-    def process(row):
+    def process(row):  # the rows passed `drop_bad_rows`
         query = truncated_query_tokens(tokenizer, row, Q)  # [N+ 1.A.5]
         reference, _ = response_tokens(tokenizer, " " + row["summary"], R)  # [N+ 1.A.7] leading space + EOS
         return {
@@ -1064,11 +1059,11 @@ def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
     quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
     answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
     names = list(quantities)
-    counts = torch.tensor([[int(torch.isnan(v).sum()), int(torch.isinf(v).sum())]
-                           for v in (torch.as_tensor(quantities[n]).detach() for n in names)])
+    values = [torch.as_tensor(quantities[n]).detach() for n in names]
+    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
     if reduce is not None:
-        counts = reduce(counts.to(torch.as_tensor(quantities[names[0]]).device), "sum").cpu()
-    for name, (n_nan, n_inf) in zip(names, counts.tolist()):
+        counts = reduce(counts, "sum")
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
         if n_nan or n_inf:
             return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
     return None

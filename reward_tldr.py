@@ -939,11 +939,11 @@ def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
     quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
     answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
     names = list(quantities)
-    counts = torch.tensor([[int(torch.isnan(v).sum()), int(torch.isinf(v).sum())]
-                           for v in (torch.as_tensor(quantities[n]).detach() for n in names)])
+    values = [torch.as_tensor(quantities[n]).detach() for n in names]
+    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
     if reduce is not None:
-        counts = reduce(counts.to(torch.as_tensor(quantities[names[0]]).device), "sum").cpu()
-    for name, (n_nan, n_inf) in zip(names, counts.tolist()):
+        counts = reduce(counts, "sum")
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
         if n_nan or n_inf:
             return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
     return None

@@ -460,23 +460,36 @@ def sft_row_problem(row: dict, name: str) -> Optional[str]:
     return None
 
 
-def tokenize_sft(dataset, tokenizer, args: Args):
-    """Add query_token, reference_response_token and query_reference_response_token to every split [N+ 1.A].
-
-    Returns (dataset, skipped): malformed rows and duplicate ids are errors naming the split and row, and rows
-    with an empty post or summary are dropped and counted in skipped[split] by reason (`sft_row_problem`)."""
+def drop_bad_rows(dataset):
+    """Check every split's rows before use: a missing column, a malformed row or a repeated id is an error naming the
+    split and row; rows with an empty post or summary are dropped and counted by reason in
+    skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
     from collections import Counter
 
-    pad, Q, R = tokenizer.pad_token_id, args.query_length, args.response_length
     required = ("id", "subreddit", "title", "post", "summary")
+    skipped = {}
     for split, ds in dataset.items():
         missing = [c for c in required if c not in ds.column_names]
         if missing:
             raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
         repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
-        if repeated:  # the same post twice is a data-preparation error: it would be trained or evaluated twice
+        if repeated:  # the same post twice is a data-preparation error: trained, sampled or evaluated twice
             rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
             raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
+        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
+        skipped[split] = dict(Counter(r for r in reasons if r))
+        if skipped[split]:
+            dataset[split] = ds.select([i for i, r in enumerate(reasons) if not r])
+    return dataset, skipped
+
+
+def tokenize_sft(dataset, tokenizer, args: Args):
+    """Add query_token, reference_response_token and query_reference_response_token to every split [N+ 1.A].
+
+    Returns (dataset, skipped): malformed rows and duplicate ids are errors naming the split and row, and rows
+    with an empty post or summary are dropped and counted in skipped[split] by reason (`drop_bad_rows`)."""
+    pad, Q, R = tokenizer.pad_token_id, args.query_length, args.response_length
+    dataset, skipped = drop_bad_rows(dataset)
 
     def process(row):
         query = truncated_query_tokens(tokenizer, row, Q)
@@ -493,12 +506,7 @@ def tokenize_sft(dataset, tokenizer, args: Args):
             "query_reference_response_token_len": len(query) + len(response),
         }
 
-    skipped = {}
     for split, ds in dataset.items():
-        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
-        skipped[split] = dict(Counter(r for r in reasons if r))
-        if skipped[split]:
-            ds = ds.select([i for i, r in enumerate(reasons) if not r])
         dataset[split] = ds.map(process, load_from_cache_file=False, desc=f"tokenizing {split}")
     return dataset, skipped
 
@@ -672,11 +680,11 @@ def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
     quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
     answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
     names = list(quantities)
-    counts = torch.tensor([[int(torch.isnan(v).sum()), int(torch.isinf(v).sum())]
-                           for v in (torch.as_tensor(quantities[n]).detach() for n in names)])
+    values = [torch.as_tensor(quantities[n]).detach() for n in names]
+    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
     if reduce is not None:
-        counts = reduce(counts.to(torch.as_tensor(quantities[names[0]]).device), "sum").cpu()
-    for name, (n_nan, n_inf) in zip(names, counts.tolist()):
+        counts = reduce(counts, "sum")
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
         if n_nan or n_inf:
             return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
     return None

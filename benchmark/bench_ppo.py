@@ -304,7 +304,7 @@ def run_trl(args, models: dict, out: str, k: int, prompts, replay: str = None) -
     python = ensure_trl_venv()
     cfg = {"sft": models["sft"], "rm": models["rm"], "prompts": prompts, "output_dir": os.path.join(out, f"trl_run{k}"),
            "batch": args.batch, "micro_batch": args.micro_batch, "rollout_batch": args.rollout_batch,
-           "updates": args.updates if not replay else 1, "epochs": args.epochs, "response_length": args.response_length,
+           "updates": args.updates, "epochs": args.epochs, "response_length": args.response_length,
            "temperature": 0.7, "learning_rate": args.learning_rate, "kl_coef": 0.05, "seed": args.seed + k,
            "precision": args.trl_precision, "replay": replay, "truncate_at_eos": bool(replay)}
     cfg_path, records_path = os.path.join(out, f"trl_run{k}.json"), os.path.join(out, f"trl_run{k}.jsonl")
@@ -326,15 +326,10 @@ def print_table(rows: dict) -> None:
 
 
 def check_numerics(args, models, out, prompts) -> dict:
-    replay = os.path.join(out, "replay.json")
-    save_replay(models, prompts[: args.batch], args, replay)
-    with open(os.path.join(out, "data", "train.jsonl")) as f:
-        rows = f.readlines()[: args.batch]
-    with open(os.path.join(out, "data", "train.jsonl"), "w") as f:  # one update: exactly the replayed prompts
-        f.writelines(rows)
-    one = argparse.Namespace(**{**vars(args), "updates": 1})
-    ours = run_ours(one, models, out, 0, args.precisions[0], replay=replay)[0]
-    trl = run_trl(one, models, out, 0, prompts[: args.batch], replay=replay)[0]
+    replay = os.path.join(out, "replay.json")  # one update over exactly the `batch` prepared prompts
+    save_replay(models, prompts, args, replay)
+    ours = run_ours(args, models, out, 0, args.precisions[0], replay=replay)[0]
+    trl = run_trl(args, models, out, 0, prompts, replay=replay)[0]
     print(f"\nfirst update on the same {args.batch} saved rollouts (ppo_tldr.py {args.precisions[0]}, TRL "
           f"{args.trl_precision}):")
     print(f"{'ppo_tldr.py metric':40s}{'ppo_tldr.py':>16s}{'TRL 1.12.0':>16s}{'rel. diff':>12s}")
@@ -349,8 +344,8 @@ def check_numerics(args, models, out, prompts) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.check_numerics:
-        args.trl = True
+    if args.check_numerics:  # one update of both systems on the same rollouts
+        args.trl, args.updates = True, 1
     args.precisions = args.precision.split(",")
     if not set(args.precisions) <= {"fp32", "bf16"}:
         raise SystemExit(f"--precision {args.precision}: expected fp32, bf16 or fp32,bf16")

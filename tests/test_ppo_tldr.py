@@ -98,6 +98,15 @@ def run_ppo(chain, data, output_dir, **overrides) -> list[dict]:
     return read_metrics(output_dir)
 
 
+def script_flags(chain, data, output_dir, **overrides) -> list[str]:
+    """The command-line flags of `run_ppo`'s settings, for running ppo_tldr.py as a subprocess."""
+    flags = ["--sft_model_path", chain[0], "--reward_model_path", chain[1], "--dataset", data, "--output_dir",
+             output_dir]
+    for key, value in {**SMALL, **overrides}.items():
+        flags += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{'' if value else 'no_'}{key}"]
+    return flags
+
+
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -666,10 +675,7 @@ def test_sigterm_saves_a_state_and_the_resumed_run_equals_an_uninterrupted_one(l
     common = dict(total_episodes=48, run_eval=False, sample_every=0)
     full = run_ppo(llama_chain, sft_data, str(tmp_path / "full"), **common)
     out = str(tmp_path / "stopped")
-    cmd = [sys.executable, os.path.join(ROOT, "ppo_tldr.py"), "--sft_model_path", llama_chain[0],
-           "--reward_model_path", llama_chain[1], "--dataset", sft_data, "--output_dir", out]
-    for key, value in {**SMALL, **common}.items():
-        cmd += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{'' if value else 'no_'}{key}"]
+    cmd = [sys.executable, os.path.join(ROOT, "ppo_tldr.py"), *script_flags(llama_chain, sft_data, out, **common)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 300
@@ -706,10 +712,7 @@ def test_sigkill_during_a_state_save_resumes_from_the_previous_state(llama_chain
               "    return original(path)\n"
               "P.file_sha256 = held\n"
               "P.main(tyro.cli(P.Args))\n")
-    cmd = [sys.executable, "-c", driver, "--sft_model_path", llama_chain[0], "--reward_model_path", llama_chain[1],
-           "--dataset", sft_data, "--output_dir", out]
-    for key, value in {**SMALL, **common}.items():
-        cmd += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{'' if value else 'no_'}{key}"]
+    cmd = [sys.executable, "-c", driver, *script_flags(llama_chain, sft_data, out, **common)]
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                                 stderr=subprocess.STDOUT)
