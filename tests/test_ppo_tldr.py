@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 
@@ -483,14 +484,15 @@ def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_da
 
 
 def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path):
-    """--response_logits_only (LM head on the response positions only) and the fused AdamW change no result beyond
-    rounding: the reference's full logits with torch's default foreach AdamW give the same losses and KL over three
-    updates (weights updated in between). Without a probe the run logs no validation score, and the per-update work
-    counters match the batch shape."""
+    """--response_logits_only (LM head on the response positions only), the fused AdamW and the attention kernel
+    change no result beyond rounding: the reference's full logits with torch's default foreach AdamW and eager
+    attention give the same losses and KL over three updates (weights updated in between) as the defaults (SDPA in
+    fp32). Without a probe the run logs no validation score, and the per-update work counters match the batch
+    shape."""
     common = dict(total_episodes=24, validation_probe_size=0, run_eval=False)
     fast = training_records(run_ppo(llama_chain, sft_data, str(tmp_path / "fast"), **common))
     slow = training_records(run_ppo(llama_chain, sft_data, str(tmp_path / "slow"), response_logits_only=False,
-                                    adam_impl="foreach", **common))
+                                    adam_impl="foreach", attn_implementation="eager", **common))
     assert len(fast) == len(slow) == 3
     for f, s in zip(fast, slow):
         for key in ("objective/kl", "objective/scores", "ppo/loss/policy_avg", "ppo/loss/value_avg",
@@ -501,6 +503,43 @@ def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path):
         # 4 epochs x 2 micro-batches of 4, each at least response_length + 1 wide
         assert f["perf/training_tokens"] >= 4 * 8 * (SMALL["response_length"] + 1)
         assert f["perf/training_attention_pairs"] > f["perf/training_tokens"] * SMALL["response_length"]
+
+
+def test_attention_kernel_is_sdpa_except_eager_for_mixed_precision_on_cpu():
+    assert P.attention_kernel(None, "cpu", "no") == "sdpa"
+    assert P.attention_kernel(None, "cpu", "bf16") == "eager" == P.attention_kernel(None, "cpu", "fp16")
+    assert P.attention_kernel(None, "cuda", "bf16") == "sdpa"
+    assert P.attention_kernel("sdpa", "cpu", "bf16") == "sdpa"  # an explicit choice wins
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_freed_host_memory_reuses_large_blocks(keep):
+    """Without the setting every fresh 128 MiB tensor is faulted in page by page (glibc maps and unmaps it); with it,
+    freed blocks are reused: after two allocations of that size (the heap grows to hold it), allocating it again
+    touches almost no new pages. Counted in minor page faults, so the test does not depend on timing. Run in a fresh
+    process: the setting is process-wide."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {ROOT!r})
+import torch, ppo_tldr
+assert ({keep} and ppo_tldr.keep_freed_host_memory()) or not {keep}
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    x = torch.ones(32 * 2**20); del x  # 128 MiB, freed
+start = faults()
+for _ in range(3):
+    x = torch.ones(32 * 2**20); del x
+print(faults() - start)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    pages = 3 * 32 * 2**20 * 4 // resource.getpagesize()
+    faults = int(res.stdout.split()[-1])
+    if keep:
+        assert faults < 0.05 * pages, (faults, pages)
+    else:
+        assert faults > 0.5 * pages, (faults, pages)
 
 
 def test_fp32_head_under_bf16_autocast(tiny_model):
