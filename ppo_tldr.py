@@ -926,9 +926,9 @@ def seed_everything(seed: int) -> None:
 
 def attention_kernel(requested: Optional[str], device_type: str, mixed_precision: str) -> str:
     """SDPA (flash / memory-efficient kernels on GPU, flash on CPU in fp32), except under bf16/fp16 autocast on CPU:
-    there, for SmolLM2's training shape (8 x 253 tokens, 9 heads of 64, left padding), fwd+bwd of one layer takes
-    35 ms with torch's flash kernel and a mask, 19 ms with eager matmuls and a softmax; in fp32 flash is faster
-    (26 ms against 35 ms)."""
+    there, for SmolLM2's training shape (8 x 253 tokens, 9 heads of 64, left padding), forward + backward of one
+    layer takes 31 ms with torch's SDPA kernel and a mask, 20 ms with eager matmuls and a softmax; in fp32 SDPA is
+    the faster (27 ms against 41 ms). `python benchmark/bf16_cpu_checks.py attention`"""
     if requested is not None:
         return requested
     return "eager" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "sdpa"
@@ -940,7 +940,7 @@ def keep_freed_host_memory() -> bool:
     By default glibc maps large blocks (above a threshold that adapts from 128 KiB up to 32 MiB), such as an embedding
     gradient or a (B, R, V) logits tensor, fresh from the OS and unmaps them when freed, so every training step pays
     the kernel for zeroing and faulting those pages in again:
-    30 ms for a fresh 113 MiB tensor here against 5 ms for a reused one; without this setting the bf16 training step
+    30 ms for a fresh 113 MiB tensor here against 3 ms for a reused one; without this setting the bf16 training step
     of SmolLM2 PPO on CPU takes 13% longer. With mmap and trimming off, freed blocks are reused; the process keeps its
     high-water mark. Returns False where there is no glibc (macOS, musl), which then keeps its default."""
     import ctypes

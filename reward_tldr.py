@@ -175,10 +175,6 @@ class Args:
     total_episodes: Optional[int] = None
     """training pairs to use, at most one epoch (default: the whole train split, 92,858 on the hub); 0 skips
     training: evaluate the loaded model, as the reference's reward_eval [N+ 1.C.8, 1.C.14]"""
-    keep_freed_memory: bool = True
-    """CPU runs: keep freed host memory in the process for reuse instead of handing it back to the OS
-    (`keep_freed_host_memory`); each fresh gradient or logits tensor otherwise pays page faults. Allocation only: the
-    same numbers"""
     per_rank_shuffle: bool = False
     """reproduce the reference's data order [N+ 1.C.9]: each process shuffles the train split with its own seed
     (seed + rank*100003) and takes every world_size-th batch of it, so processes see overlapping random subsets
@@ -736,25 +732,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def keep_freed_host_memory() -> bool:
-    """Tell glibc's malloc to serve every allocation from its heap and never give freed memory back to the OS.
-
-    By default glibc maps large blocks (above a threshold that adapts from 128 KiB up to 32 MiB), such as an embedding
-    gradient or a (B, R, V) logits tensor, fresh from the OS and unmaps them when freed, so every training step pays
-    the kernel for zeroing and faulting those pages in again:
-    30 ms for a fresh 113 MiB tensor here against 5 ms for a reused one; without this setting the bf16 training step
-    of SmolLM2 PPO on CPU takes 13% longer. With mmap and trimming off, freed blocks are reused; the process keeps its
-    high-water mark. Returns False where there is no glibc (macOS, musl), which then keeps its default."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-
-
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -1012,7 +989,7 @@ def count_lines(path: str) -> int:
 
 # Flags that may change between an interrupted run and its resumption; any other change would alter the run.
 RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
-                     "keep_states", "run_eval", "max_eval_samples", "local_eval_batch_size", "keep_freed_memory"}
+                     "keep_states", "run_eval", "max_eval_samples", "local_eval_batch_size"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1038,8 +1015,6 @@ def train_reward(args: Args, stop: StopOnSignal):
 
     # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if args.keep_freed_memory and accelerator.device.type == "cpu" and not keep_freed_host_memory():
-        accelerator.print("note: --keep_freed_memory needs glibc; the allocator keeps its defaults")
     tokenizer = load_tokenizer(args.sft_model_path)  # the SFT checkpoint's tokenizer with its [PAD] [N+ 1.A.1]
     pad = tokenizer.pad_token_id
     with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it

@@ -124,10 +124,6 @@ class Args:
     """passes over the training split [N+ 1.B.8]"""
     total_episodes: Optional[int] = None
     """training sequences to use (default: the whole split x epochs); 0 skips training (evaluate the base model)"""
-    keep_freed_memory: bool = True
-    """CPU runs: keep freed host memory in the process for reuse instead of handing it back to the OS
-    (`keep_freed_host_memory`); each fresh gradient or logits tensor otherwise pays page faults. Allocation only: the
-    same numbers"""
 
     # --- evaluation
     run_eval: bool = True
@@ -433,25 +429,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def keep_freed_host_memory() -> bool:
-    """Tell glibc's malloc to serve every allocation from its heap and never give freed memory back to the OS.
-
-    By default glibc maps large blocks (above a threshold that adapts from 128 KiB up to 32 MiB), such as an embedding
-    gradient or a (B, R, V) logits tensor, fresh from the OS and unmaps them when freed, so every training step pays
-    the kernel for zeroing and faulting those pages in again:
-    30 ms for a fresh 113 MiB tensor here against 5 ms for a reused one; without this setting the bf16 training step
-    of SmolLM2 PPO on CPU takes 13% longer. With mmap and trimming off, freed blocks are reused; the process keeps its
-    high-water mark. Returns False where there is no glibc (macOS, musl), which then keeps its default."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-
-
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -753,8 +730,7 @@ def count_lines(path: str) -> int:
 
 # Flags that may change between an interrupted run and its resumption; any other change would alter the run.
 RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
-                     "keep_states", "run_eval", "eval_splits", "local_eval_batch_size", "max_eval_samples",
-                     "keep_freed_memory"}
+                     "keep_states", "run_eval", "eval_splits", "local_eval_batch_size", "max_eval_samples"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -793,8 +769,6 @@ def train_sft(args: Args, stop: StopOnSignal):
 
     # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if args.keep_freed_memory and accelerator.device.type == "cpu" and not keep_freed_host_memory():
-        accelerator.print("note: --keep_freed_memory needs glibc; the allocator keeps its defaults")
     with accelerator.main_process_first():
         dataset, skipped = tokenize_sft(dataset, tokenizer, args)
     data_metrics = {}

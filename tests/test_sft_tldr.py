@@ -276,10 +276,11 @@ def test_two_processes_match_one_process(tiny_model, sft_data, tmp_path):
     script = os.path.join(ROOT, "sft_tldr.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}  # gloo even where a GPU exists
     subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one")], check=True, env=env,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
+    # a timeout turns a stuck process group into a failure instead of a hung suite
     subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", script, *common,
-                    "--output_dir", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+                    "--output_dir", str(tmp_path / "two")], check=True, env=env, capture_output=True, timeout=300)
 
     def losses(run):
         return [json.loads(line)["train/sft/loss"] for line in open(tmp_path / run / "metrics.jsonl")
