@@ -236,10 +236,11 @@ class Args:
     fp32_heads: bool = True
     """under bf16/fp16 autocast, run the LM heads and the value/reward heads in fp32 (`fp32_head`): bf16 logits make
     the sampler's and the training forward's log-probs differ (README "Throughput"); no effect in fp32 runs"""
-    attn_implementation: Optional[Literal["sdpa", "eager"]] = None
-    """attention kernel of all four models (transformers' `attn_implementation`); None = `attention_kernel`: SDPA,
-    except eager matmuls under bf16/fp16 autocast on CPU, where torch's CPU flash-attention kernel with a padding
-    mask is about 2x slower (README "Throughput"). The same attention, rounding aside"""
+    attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = None
+    """attention kernel of all four models (transformers' `attn_implementation`; flash_attention_2 needs the
+    flash-attn package and a GPU); None = `attention_kernel`: SDPA, except eager matmuls under bf16/fp16 autocast on
+    CPU, where torch's CPU SDPA kernel with a padding mask is 1.5x slower (README "Throughput"). The same attention,
+    rounding aside"""
     keep_freed_memory: bool = True
     """CPU runs: keep freed host memory in the process for reuse instead of handing it back to the OS
     (`keep_freed_host_memory`); each fresh gradient or logits tensor otherwise pays page faults. Allocation only: the
