@@ -1238,8 +1238,8 @@ def train_ppo(args: Args, stop: StopOnSignal):
     torch.backends.cudnn.deterministic = True
 
     # ---- four models [N+ 1.D.1], dropout off in all [N+ 1.B.2]
-    load = dict(dtype=torch.float32,
-                attn_implementation=attention_kernel(args.attn_implementation, device.type, accelerator.mixed_precision))
+    attn = attention_kernel(args.attn_implementation, device.type, accelerator.mixed_precision)
+    load = dict(dtype=torch.float32, attn_implementation=attn)
     policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **load)
     ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **load)
     rm_path = args.reward_model_path

@@ -349,6 +349,8 @@ def main(argv=None) -> None:
     args.precisions = args.precision.split(",")
     if not set(args.precisions) <= {"fp32", "bf16"}:
         raise SystemExit(f"--precision {args.precision}: expected fp32, bf16 or fp32,bf16")
+    if args.check_numerics and len(args.precisions) > 1:
+        raise SystemExit(f"--check_numerics compares one precision with TRL; got --precision {args.precision}")
     out = args.out_dir or os.path.join("runs", "bench", f"{args.model}_{'_'.join(args.precisions)}")
     out = os.path.join(ROOT, out) if not os.path.isabs(out) else out
     os.makedirs(out, exist_ok=True)

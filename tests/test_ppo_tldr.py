@@ -516,8 +516,8 @@ def test_attention_kernel_is_sdpa_except_eager_for_mixed_precision_on_cpu():
 def test_keep_freed_host_memory_reuses_large_blocks(keep):
     """Without the setting every fresh 128 MiB tensor is faulted in page by page (glibc maps and unmaps it); with it,
     freed blocks are reused: after a few allocations of that size (the heap grows to hold it; here two suffice),
-    allocating it again touches almost no new pages. Counted in minor page faults, so the test does not depend on timing. Run in a fresh
-    process: the setting is process-wide."""
+    allocating it again touches almost no new pages. Counted in minor page faults, so the test does not depend on
+    timing. Run in a fresh process: the setting is process-wide."""
     code = f"""
 import resource, sys
 sys.path.insert(0, {ROOT!r})

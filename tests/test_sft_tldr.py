@@ -310,8 +310,6 @@ def test_zero_episodes_evaluates_the_untrained_model(tiny_model, sft_data, tmp_p
 # ---------------------------------------------------------------------------------------------------------
 
 
-
-
 def without_wall_clock(path):
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in open(path)]
 
