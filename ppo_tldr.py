@@ -229,6 +229,11 @@ class Args:
     """rollouts in the whole run; updates = total_episodes // batch_size (1953) [N+ 1.D.4]"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of policy and value model (memory for time)"""
+    skip_after_eos: bool = False
+    """in the scoring and training forwards of a chunk or micro-batch, drop the response columns after the last
+    position any loss reads (EOS+1 of its longest response; `kept_response_length`): attention is causal, so the kept
+    positions are unchanged and the losses are the same (README "Throughput"). Only the `*_with_padding` metrics,
+    which average over the computed padding positions too, change; off = the reference's full-length forwards"""
     response_logits_only: bool = True
     """compute the LM head only where log-probs are read (the R response positions) in the reference and training
     forwards, instead of at every query position: same log-probs, fewer FLOPs, and the (B, T, V) logits tensor shrinks
@@ -522,6 +527,12 @@ def trim_padding_columns(ids: torch.Tensor, pad_token_id: int, side: Literal["le
         return ids[:, :1]
     nz = real.nonzero().flatten()
     return ids[:, nz[0] :] if side == "left" else ids[:, : nz[-1] + 1]
+
+
+def kept_response_length(sequence_lengths: torch.Tensor, response_length: int) -> int:
+    """Response columns a forward must compute so that every position a loss reads is computed: up to EOS+1 (the
+    value model's last position, `response_masks`) of the longest response; all R when one has no EOS."""
+    return min(response_length, int(sequence_lengths.max().item()) + 2)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1406,19 +1417,23 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 response, logprob = generate_with_logprobs(unwrapped.policy, query, pad, rollout_config, R)  # (b, R)
                 time_generation += time.time() - t0
                 t0 = time.time()
-                query_response = torch.cat((query, response), 1)  # (b, Q+R)
-                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8]
-                ref_output = forward(ref_policy, query_response, pad, logits_to_keep=logits_kept)
-                ref_logits = response_logits(ref_output.logits, R)  # (b, R, V)
-                ref_logprob = response_logprobs(ref_logits, response, args.temperature)  # (b, R)
-                del ref_output, ref_logits
                 # 3. response processing 1: keep the first EOS, pad everything after it [N+ 1.D.9]
                 postprocessed_response = truncate_response(response, eos, pad)  # (b, R)
+                # --skip_after_eos: the forwards below compute the first L <= R response columns only
+                L = kept_response_length(response_masks(postprocessed_response, pad)[0], R) if args.skip_after_eos else R
+                query_response = torch.cat((query, response[:, :L]), 1)  # (b, Q+L)
+                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8]
+                ref_output = forward(ref_policy, query_response, pad, logits_to_keep=L + 1 if logits_kept else 0)
+                ref_logits = response_logits(ref_output.logits, L)  # (b, L, V)
+                ref_logprob = response_logprobs(ref_logits, response[:, :L], args.temperature)  # (b, L)
+                del ref_output, ref_logits
                 # 4. values of the raw (untruncated) rollout: causal attention keeps positions <= EOS+1 unchanged;
                 #    values[t] is the value of the state before response token t [N+ 1.D.11]
-                value = forward(unwrapped.critic, query_response, pad)[:, context_length - 1 : -1]  # (b, R)
+                value = forward(unwrapped.critic, query_response, pad)[:, context_length - 1 : -1]  # (b, L)
+                # columns past L are padding for every loss; filled here, masked in step 7
+                ref_logprob, value = F.pad(ref_logprob, (0, R - L)), F.pad(value, (0, R - L))  # (b, R)
                 # 5. response processing 2: the RM scores the truncated response at its EOS token [N+ 1.D.12]
-                score = get_score(reward_model, torch.cat((query, postprocessed_response), 1), pad,
+                score = get_score(reward_model, torch.cat((query, postprocessed_response[:, :L]), 1), pad,
                                   context_length)  # (b,)
                 time_scoring += time.time() - t0
                 responses.append(response)
@@ -1478,21 +1493,26 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 for ga_idx, micro_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
                     with accelerator.accumulate(model):
                         mb = mini_batch_inds[micro_start : micro_start + args.local_micro_batch_size]
+                        # L = R, or with --skip_after_eos the response columns up to the last one a loss reads
+                        L = kept_response_length(sequence_lengths[mb], R) if args.skip_after_eos else R
                         mb_query_responses = trim_padding_columns(query_responses[mb], pad, "left")  # (b, Q'+R)
-                        mb_context_length = mb_query_responses.shape[1] - R
+                        mb_query_responses = mb_query_responses[:, : mb_query_responses.shape[1] - R + L]  # (b, Q'+L)
+                        mb_context_length = mb_query_responses.shape[1] - L
                         training_tokens += mb_query_responses.numel()
                         training_attention_pairs += mb_query_responses.numel() * mb_query_responses.shape[1]
-                        mb_padding_mask, mb_value_padding_mask = padding_mask[mb], value_padding_mask[mb]
+                        mb_padding_mask, mb_value_padding_mask = padding_mask[mb, :L], value_padding_mask[mb, :L]
+                        mb_logprobs, mb_advantages = logprobs[mb, :L], advantages[mb, :L]
                         # one pass through both networks
-                        output, vpred_temp = forward(model, mb_query_responses, pad, logits_to_keep=logits_kept)
-                        logits = response_logits(output.logits, R).float()  # (b, R, V)
-                        new_logprobs = response_logprobs(logits, responses[mb], args.temperature)  # (b, R)
+                        output, vpred_temp = forward(model, mb_query_responses, pad,
+                                                     logits_to_keep=L + 1 if logits_kept else 0)
+                        logits = response_logits(output.logits, L).float()  # (b, L, V)
+                        new_logprobs = response_logprobs(logits, responses[mb, :L], args.temperature)  # (b, L)
                         new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
-                        vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, R)
+                        vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, L)
                         vpred = torch.masked_fill(vpred, mb_value_padding_mask, 0)
-                        vf_loss, vf_clipped = value_loss(vpred, values[mb], returns[mb], ~mb_value_padding_mask,
-                                                         args.cliprange_value)
-                        pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, logprobs[mb], advantages[mb],
+                        vf_loss, vf_clipped = value_loss(vpred, values[mb, :L], returns[mb, :L],
+                                                         ~mb_value_padding_mask, args.cliprange_value)
+                        pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, mb_logprobs, mb_advantages,
                                                                  ~mb_padding_mask, args.cliprange)
                         # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
                         loss = pg_loss + args.vf_coef * vf_loss
@@ -1507,7 +1527,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                         optimizer.zero_grad()
                     with torch.no_grad():
                         valid = ~mb_padding_mask
-                        logprobs_diff = new_logprobs - logprobs[mb]
+                        logprobs_diff = new_logprobs - mb_logprobs
                         approxkl = 0.5 * logprobs_diff**2
                         scaled = logits / (args.temperature + 1e-7)
                         # entropy of the full next-token distribution: logsumexp(z) - sum softmax(z) z
