@@ -51,6 +51,8 @@ Deviations from the reference code (each deliberate; none changes the algorithm)
     CPU flash kernel with a padding mask is slower there), and freed host memory is kept for reuse
     (--keep_freed_memory). Together 17% less time per bf16 update for SmolLM2 (README "Throughput").
   * Prompts are checked as SFT rows: malformed rows and repeated ids are errors, empty posts or summaries skipped.
+  * Optional (--skip_after_eos, off): the scoring and training forwards stop at EOS+1 of the longest response of
+    their chunk or micro-batch; causal attention keeps every position a loss reads, so the losses are the same.
 
 Launch:
   python ppo_tldr.py --sft_model_path runs/sft --reward_model_path runs/rm      # paper defaults, one GPU (GA 32)
