@@ -66,6 +66,9 @@ newest --keep_states kept) and --resume continues from the newest complete one; 
 (143/130); a NaN or Inf score, value, log-prob, reward, advantage or loss stops the run at once, naming the quantity
 and the step, and saves the last good state when the weights are still those of the previous update. Malformed rows
 are errors naming the row; rows with an empty post or summary are skipped, counted (data/<split>/skipped/<reason>).
+Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
+cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
+the final model is written atomically.
 
 Metrics (appended to <output_dir>/metrics.jsonl; x-axis `episodes` = rollouts so far, in every record; the shared
 Logger also writes the same number as `samples`). Each is a mean over the whole update, gathered across ranks:
@@ -151,8 +154,9 @@ class Args:
     """keep the newest N states (older ones are deleted after each save); 2 leaves a fallback when the newest is
     found corrupt on resume"""
     resume: bool = False
-    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh), so
-    one launch line serves a requeued job; needs --output_dir"""
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh, with
+    a warning, moving the files of the run that left no usable state aside), so one launch line serves a requeued
+    job; needs --output_dir"""
 
     # --- data
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"

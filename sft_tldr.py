@@ -36,6 +36,9 @@ Launch:
 Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
 newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
 (143/130); a NaN or Inf loss stops the run at once, naming the quantity, the step and the last good state.
+Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
+cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
+the final model is written atomically.
 
 Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training sequences seen):
   train/sft/loss, train/sft/lr                      mean token cross-entropy over the grad-accum window, LR
@@ -90,8 +93,8 @@ class Args:
     keep_states: int = 2
     """keep the newest N states; 2 leaves a fallback when the newest is found corrupt on resume"""
     resume: bool = False
-    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh);
-    needs --output_dir"""
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh,
+    with a warning, moving the files of the run that left no usable state aside); needs --output_dir"""
 
     # --- data
     base_model: str = "EleutherAI/pythia-1b-deduped"
