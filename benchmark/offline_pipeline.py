@@ -15,7 +15,9 @@ judged by the offline task's gold judge (`benchmark/tldr_synth.py`):
     python benchmark/offline_pipeline.py --run_dir runs/offline
     python benchmark/offline_pipeline.py --run_dir runs/offline --stages report     # redo the report only
 
-Stages whose output folder already holds a finished result are skipped, so an interrupted run continues.
+Stages whose output folder already holds a finished result are skipped, so an interrupted run continues; a stage
+cut short is rerun from the start, and moves its unfinished files to <folder>/previous_runs/ first (a stage never
+appends to an older run's metrics.jsonl).
 """
 
 import argparse

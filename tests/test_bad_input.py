@@ -315,3 +315,14 @@ def test_paper_settings_are_whole_batches():
     assert args.total_episodes % args.batch_size == 0 and P.derive(args, 1).num_updates == 1953
     with pytest.raises(ValueError, match="pass 999936 or 1000448"):
         P.derive(P.Args(sft_model_path="s", reward_model_path="r", total_episodes=1_000_000), 1)
+
+
+def test_the_offline_pipeline_passes_whole_batches():
+    """benchmark/offline_pipeline.py's defaults pass the --total_episodes check of every stage."""
+    import offline_pipeline
+
+    a = offline_pipeline.parse_args([])
+    for episodes, batch in ((a.sft_episodes, a.sft_batch), (a.rm_episodes, a.rm_batch), (a.ppo_episodes, a.ppo_batch)):
+        S.check_episodes(episodes, batch)
+    with pytest.raises(ValueError, match="pass 96 or 112"):
+        S.check_episodes(100, a.sft_batch)
