@@ -19,9 +19,11 @@ a post against each other and each against the reference), labelled by the same 
     python benchmark/offline_pipeline.py --profile full --run_dir runs/offline_full  # longer PPO, clearer curves
     python benchmark/offline_pipeline.py --run_dir runs/offline --stages report      # redo the report only
 
-Stages whose output folder already holds a finished result are skipped, so an interrupted run continues.
-The precision is picked at the start from a measurement (`pick_precision`): bf16 autocast only where this CPU
-runs bf16 matmuls clearly faster than fp32 (on CPUs without bf16 instructions it is several times slower).
+Stages whose output folder already holds a finished result are skipped, so an interrupted run continues; a stage
+cut short is rerun from the start, and moves its unfinished files to <folder>/previous_runs/ first (a stage never
+appends to an older run's metrics.jsonl). The precision is picked at the start from a measurement
+(`pick_precision`): bf16 autocast only where this CPU runs bf16 matmuls clearly faster than fp32 (on CPUs without
+bf16 instructions it is several times slower).
 """
 
 import argparse
