@@ -139,6 +139,10 @@ class Args:
     """evaluate only the first N rows of each split (quick runs); None = all"""
     eval_temperature: float = 0.01
     """sampling temperature at evaluation, as OpenAI's sample.py [N+ 1.B.10, 1.F.6]"""
+    stop_generation_at_eos: bool = False
+    """stop sampling a batch once every response has an EOS (faster; the reference samples response_length tokens
+    and truncates after the first EOS, which gives the same evaluated texts; only the random stream of later
+    batches changes)"""
 
 
 @dataclass
@@ -1190,6 +1194,8 @@ def train_sft(args: Args, stop: StopOnSignal):
     model.eval()
     prepare_for_sampling(unwrapped)
     gen_config = sampling_config(args.response_length, args.eval_temperature)
+    if args.stop_generation_at_eos:  # finished rows are filled with the pad id, truncate_response keeps the EOS
+        gen_config.eos_token_id, gen_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if args.run_eval:
         for split in args.eval_splits:
             loss, rouge, table = evaluate(model, tokenizer, dataset[split], args, accelerator, gen_config)

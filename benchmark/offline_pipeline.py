@@ -433,6 +433,7 @@ def main(argv=None) -> None:
     print(f"precision: {precision}")
     env = {"ACCELERATE_MIXED_PRECISION": "bf16" if precision["chosen"] == "bf16" else "no"}
     evals = ["--max_eval_samples", str(args.eval_samples), "--local_eval_batch_size", "8"]
+    sft_evals = [*evals, "--stop_generation_at_eos"]  # the same texts: everything after the first EOS is cut
 
     def stage(name, cmd, folder, marker):
         if name in stages and not done(folder, marker):
@@ -448,11 +449,11 @@ def main(argv=None) -> None:
     # the untrained model on the same prompts: the baseline of the win rates
     stage("base", [py, "sft_tldr.py", "--base_model", args.model_dir, "--dataset", sft_data, "--output_dir",
                    d["base"], "--total_episodes", "0", "--eval_splits", "validation", "--seed", str(args.seed),
-                   *evals], d["base"], "validation_table.csv")
+                   *sft_evals], d["base"], "validation_table.csv")
     stage("sft", [py, "sft_tldr.py", "--base_model", args.model_dir, "--dataset", sft_data, "--output_dir", d["sft"],
                   "--total_episodes", str(args.sft_episodes), "--batch_size", str(args.sft_batch),
                   "--learning_rate", str(args.sft_lr), "--eval_splits", "validation", "--seed", str(args.seed),
-                  *evals], d["sft"], "model.safetensors")
+                  *sft_evals], d["sft"], "model.safetensors")
     # the SFT policy's own samples (T=0.7, two seeds) on training posts: half of the RM's training pairs
     sample_tables = []
     for k in range(2):
@@ -461,7 +462,8 @@ def main(argv=None) -> None:
         stage(f"samples{k}", [py, "sft_tldr.py", "--base_model", d["sft"], "--dataset", sft_data, "--output_dir",
                               folder, "--total_episodes", "0", "--eval_splits", "train", "--eval_temperature", "0.7",
                               "--seed", str(args.seed + 1000 * (k + 1)), "--max_eval_samples",
-                              str(args.sample_prompts), "--local_eval_batch_size", "8"], folder, "train_table.csv")
+                              str(args.sample_prompts), "--local_eval_batch_size", "8", "--stop_generation_at_eos"],
+              folder, "train_table.csv")
     if "rm" in stages and not done(d["rm"], "model.safetensors"):
         build_rm_data(args, sample_tables, os.path.join(d["sft"], "validation_table.csv"), rm_data)
     rm_train = os.path.join(rm_data, "train.jsonl")
