@@ -1035,9 +1035,13 @@ def train_sft(args: Args, stop: StopOnSignal):
     # the whole of every split is checked (text only, cheap) before --total_episodes and --max_eval_samples cut it:
     # a bad row or a repeated id fails a smoke run too, and the errors name rows of the files
     dataset, skipped = drop_bad_rows(dataset)
+    eval_keys = {split: split for split in args.eval_splits}  # evaluated split -> its key in `dataset`
+    if "train" in eval_keys:  # sampling the training posts (e.g. for comparisons): kept apart from the training cut
+        eval_keys["train"] = "train_evaluated"
+        dataset["train_evaluated"], skipped["train_evaluated"] = dataset["train"], skipped["train"]
     if args.max_eval_samples is not None:
-        for split in args.eval_splits:
-            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
+        for key in eval_keys.values():
+            dataset[key] = dataset[key].select(range(min(args.max_eval_samples, len(dataset[key]))))
     if args.total_episodes is not None:  # tokenize only what is used
         used = min(args.total_episodes, len(dataset["train"]))
         dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
@@ -1198,7 +1202,7 @@ def train_sft(args: Args, stop: StopOnSignal):
         gen_config.eos_token_id, gen_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if args.run_eval:
         for split in args.eval_splits:
-            loss, rouge, table = evaluate(model, tokenizer, dataset[split], args, accelerator, gen_config)
+            loss, rouge, table = evaluate(model, tokenizer, dataset[eval_keys[split]], args, accelerator, gen_config)
             metrics = {f"{split}/sft/loss": loss, **{f"{split}/sft/rouge/{k}": v for k, v in rouge.items()}}
             logger.log(metrics, samples)
             accelerator.print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -189,7 +189,9 @@ def fmt(rate: tuple[float, float]) -> str:
 def load_csv(path: str) -> list[dict]:
     import pandas as pd
 
-    return pd.read_csv(path, keep_default_na=False).to_dict("records")
+    # the stages write CSV with "\n" line ends and quote fields holding one, but not a lone "\r" inside a sampled text:
+    # only "\n" ends a row
+    return pd.read_csv(path, keep_default_na=False, lineterminator="\n").to_dict("records")
 
 
 def plot_lines(path: str, panels: list[tuple[str, list, dict[str, list]]], xlabel: str) -> None:
@@ -435,8 +437,8 @@ def main(argv=None) -> None:
     evals = ["--max_eval_samples", str(args.eval_samples), "--local_eval_batch_size", "8"]
     sft_evals = [*evals, "--stop_generation_at_eos"]  # the same texts: everything after the first EOS is cut
 
-    def stage(name, cmd, folder, marker):
-        if name in stages and not done(folder, marker):
+    def stage(name, cmd, folder, marker, group=None):
+        if (group or name) in stages and not done(folder, marker):
             timings[name] = run_stage(name, cmd, args.run_dir, env)
             with open(timings_path, "w") as f:
                 json.dump(timings, f, indent=2)
@@ -463,7 +465,7 @@ def main(argv=None) -> None:
                               folder, "--total_episodes", "0", "--eval_splits", "train", "--eval_temperature", "0.7",
                               "--seed", str(args.seed + 1000 * (k + 1)), "--max_eval_samples",
                               str(args.sample_prompts), "--local_eval_batch_size", "8", "--stop_generation_at_eos"],
-              folder, "train_table.csv")
+              folder, "train_table.csv", group="samples")
     if "rm" in stages and not done(d["rm"], "model.safetensors"):
         build_rm_data(args, sample_tables, os.path.join(d["sft"], "validation_table.csv"), rm_data)
     rm_train = os.path.join(rm_data, "train.jsonl")

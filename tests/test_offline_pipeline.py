@@ -111,3 +111,25 @@ def test_report_ranks_policies_by_their_gold_win_rate_against_the_references(cor
     flawed = 1 - sum(synth.reference_flaw(synth._example_story(r)[0]) == "none" for r in validation) / len(validation)
     assert rates["PPO"] == pytest.approx(flawed + (1 - flawed) / 2, abs=6e-4)  # beats every flawed reference, ties the rest
     assert "PPO against SFT, head to head" in report
+
+
+def test_the_stages_chain_end_to_end_on_a_tiny_model(tiny_model, corpus, tmp_path):
+    """The whole chain through the real stage scripts, tiny sizes: every stage's output feeds the next (SFT samples
+    -> RM data mix -> RM -> PPO) and the report judges all of them."""
+    run = tmp_path / "run"
+    op.main(["--model_dir", tiny_model, "--data_dir", corpus, "--run_dir", str(run), "--precision", "fp32",
+             "--stages", "base,sft,samples,rm,ppo,report", "--eval_samples", "6", "--sft_episodes", "16",
+             "--sft_batch", "8", "--sample_prompts", "6", "--rm_synthetic_pairs", "10", "--rm_batch", "8",
+             "--rm_eval_synthetic", "6", "--rm_eval_model", "6", "--ppo_episodes", "8", "--ppo_batch", "4",
+             "--probe_size", "2"])
+    report = (run / "report.md").read_text()
+    for line in ("| untrained |", "| SFT |", "| PPO |", "PPO against SFT, head to head", "| sft_vs_reference | 6 |",
+                 "| synthetic | 6 |", "Validation probe (2 prompts)"):
+        assert line in report, line
+    counts = {split: len(synth.read_jsonl(str(run / "rm_data" / f"{split}.jsonl"))) for split in ("train", "validation")}
+    assert counts["validation"] == 12 and counts["train"] > 10
+    rm_info = json.load(open(run / "rm" / "run_info.json"))
+    assert rm_info["args"]["total_episodes"] == counts["train"] // 8 * 8
+    assert json.load(open(run / "precision.json"))["chosen"] == "fp32"
+    for png in ("ppo_curves.png", "gold_vs_kl.png"):
+        assert (run / png).stat().st_size > 0
