@@ -549,8 +549,9 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
     losses, responses, references, queries = [], [], [], []
     for batch in loader:
         query, reference = batch["query_token"], batch["reference_response_token"]
-        # (a) teacher-forced loss on cat(left-padded query, right-padded reference)
-        seq = torch.cat([query, reference], 1)
+        # (a) teacher-forced loss on cat(left-padded query, right-padded reference), without the columns that are
+        #     padding in every row (positions come from the mask, so the loss is the same, on far fewer tokens)
+        seq = torch.cat([trim_padding_columns(query, pad, "left"), trim_padding_columns(reference, pad, "right")], 1)
         loss = sft_loss(forward(model, seq, pad).logits, seq, pad)
         losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
         # (b) sample, then pad everything after the first EOS [N+ 1.B.12]
