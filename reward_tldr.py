@@ -254,8 +254,10 @@ def load_tokenizer(path: str):
 
 
 def fit_embeddings(model, tokenizer) -> None:
-    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config.
+
+    Rows are counted by `num_embeddings`: under DeepSpeed ZeRO-3 the weight is a partitioned, empty tensor."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -676,6 +678,20 @@ class ScalarModel(torch.nn.Module):
         return self.model.score(hidden).squeeze(-1)  # (B, T)
 
 
+def zero3_gathered(param: torch.nn.Parameter):
+    """A context in which `param` is whole and writable when the model was loaded under DeepSpeed ZeRO-3 (rank 0's
+    values are kept); a no-op otherwise."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
 def load_reward_model(path: str, tokenizer):
     """A one-label sequence-classification model from the SFT checkpoint, or a reward checkpoint of this script.
 
@@ -685,7 +701,7 @@ def load_reward_model(path: str, tokenizer):
     model, info = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=torch.float32, output_loading_info=True
     )  # [N+ 1.C.1] backbone from the SFT model; its LM head is dropped
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3
     if len(tokenizer) > rows:
         raise ValueError(
             f"the tokenizer at {path} has {len(tokenizer)} tokens (with its pad token) but the model's embedding has "
@@ -697,7 +713,8 @@ def load_reward_model(path: str, tokenizer):
     # -logsigmoid(r_chosen - r_rejected) (its gradient is exactly 0), so the reference's bias stays 0 through
     # training and the bias-free head is numerically the same model.
     if any(k.startswith("score.") for k in info["missing_keys"]):  # a new head; a reward checkpoint keeps its own
-        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
+        with zero3_gathered(model.score.weight):  # under ZeRO-3 the weight is partitioned: gather, draw, re-shard
+            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
         if model.score.bias is not None:
             torch.nn.init.zeros_(model.score.bias)
     disable_dropout(model)  # [N+ 1.C.3]
@@ -1320,7 +1337,9 @@ def train_reward(args: Args, stop: StopOnSignal):
     # ---- save a standard Hugging Face folder [N+ 1.C.13]; an evaluation-only run saves nothing
     if derived.num_updates:
         accelerator.wait_for_everyone()
-        state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}  # HF names
+        state_dict = accelerator.get_state_dict(model)  # every rank takes part; under ZeRO-3 only rank 0 gets one
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}  # HF names
         unwrapped.save_pretrained(
             args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
             state_dict=state_dict,

@@ -196,8 +196,10 @@ def load_tokenizer(path: str):
 
 
 def fit_embeddings(model, tokenizer) -> None:
-    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config.
+
+    Rows are counted by `num_embeddings`: under DeepSpeed ZeRO-3 the weight is a partitioned, empty tensor."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -1,5 +1,5 @@
-"""DeepSpeed's code paths on CPU, with tiny models: ZeRO-2 training of every stage with two processes against plain
-data parallel (same losses within float tolerance), PPO's frozen reference and reward models in ZeRO-3 with their
+"""DeepSpeed's code paths on CPU, with tiny models: ZeRO-2 training of every stage (and ZeRO-3 of SFT and RM) with
+two processes against plain data parallel (same losses within float tolerance), PPO's frozen reference and reward models in ZeRO-3 with their
 parameters offloaded (--offload), bf16, and the DeepSpeed config each stage hands to accelerate (no gradient
 clipping unless --max_grad_norm [N+ 1.D.21]). Needs `deepspeed` (benchmark/test.sh installs it; skipped without)."""
 
@@ -30,6 +30,8 @@ def launch(script: str, flags: list[str], out: str, zero_stage=None, mixed_preci
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--use_deepspeed", "--zero_stage", str(zero_stage),
                "--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+        if zero_stage == 3:  # as benchmark/accelerate/deepspeed_zero3.yaml: models load sharded, save gathered
+            cmd += ["--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"]
     proc = subprocess.run([*cmd, os.path.join(ROOT, script), *flags, "--output_dir", out], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # a stuck process group fails, not hangs
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -64,37 +66,47 @@ def assert_same_weights(a: str, b: str, atol: float, reward_model: bool = False)
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
 
 
-def test_sft_zero2_matches_data_parallel_and_clips_nothing(tiny_model, sft_data, tmp_path):
+def test_sft_zero2_and_zero3_match_data_parallel_and_clip_nothing(tiny_model, sft_data, tmp_path):
+    """ZeRO-3 also loads the model sharded (the embedding's weight is then empty: no resize may be read from it) and
+    generates for the evaluation from sharded parameters."""
     flags = ["--base_model", tiny_model, "--dataset", sft_data, "--query_length", "96", "--response_length", "16",
-             "--batch_size", "4", "--total_episodes", "16", "--learning_rate", "1e-3", "--no-run-eval"]
+             "--batch_size", "4", "--total_episodes", "16", "--learning_rate", "1e-3", "--max_eval_samples", "2",
+             "--eval_splits", "validation"]
     ddp = launch("sft_tldr.py", flags, str(tmp_path / "ddp"))
     zero2 = launch("sft_tldr.py", flags, str(tmp_path / "zero2"), zero_stage=2)
-    config = ds_config(zero2)
-    assert config["gradient_clipping"] == 0 and config["zero_optimization"]["stage"] == 2  # [N+ 1.D.21]
-    assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (4, 2)  # 1 micro x 2 x 2 ranks
-    one, two = ([r["train/sft/loss"] for r in records(d, "train/sft/loss")] for d in (ddp, zero2))
-    assert len(one) == len(two) == 4 and one == pytest.approx(two, rel=1e-5)
+    zero3 = launch("sft_tldr.py", flags, str(tmp_path / "zero3"), zero_stage=3)
+    for run, stage in ((zero2, 2), (zero3, 3)):
+        config = ds_config(run)
+        assert config["gradient_clipping"] == 0 and config["zero_optimization"]["stage"] == stage  # [N+ 1.D.21]
+        assert (config["train_batch_size"], config["gradient_accumulation_steps"]) == (4, 2)  # 1 micro x 2 x 2 ranks
+    losses = [[r["train/sft/loss"] for r in records(d, "train/sft/loss")] for d in (ddp, zero2, zero3)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5) == losses[2]
+    rouge = [merged(d)["validation/sft/rouge/rougeL"] for d in (ddp, zero2, zero3)]
+    assert rouge[0] == pytest.approx(rouge[1], abs=1e-6) == rouge[2]  # T=0.01 samples of the same weights
     assert_same_weights(ddp, zero2, atol=1e-5)
+    assert_same_weights(ddp, zero3, atol=1e-5)
 
 
-def test_rm_zero2_matches_data_parallel_and_clips_nothing(tiny_model, comparison_data, sft_data, tmp_path):
+def test_rm_zero2_and_zero3_match_data_parallel_and_clip_nothing(tiny_model, comparison_data, sft_data, tmp_path):
     sft = sft_checkpoint(tiny_model, str(tmp_path / "sft"))
     flags = ["--sft_model_path", sft, "--dataset", comparison_data, "--sft_dataset", sft_data, "--total_episodes", "32",
              "--batch_size", "8", "--local_micro_batch_size", "2", "--learning_rate", "1e-3",
              "--max_eval_samples", "13", "--normalization_samples", "10"]
     ddp = launch("reward_tldr.py", flags, str(tmp_path / "ddp"))
     zero2 = launch("reward_tldr.py", flags, str(tmp_path / "zero2"), zero_stage=2)
-    assert ds_config(zero2)["gradient_clipping"] == 0  # [N+ 1.D.21]
-    one, two = (records(d, "train/rm/loss") for d in (ddp, zero2))
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        for k in ("train/rm/loss", "train/rm/chosen_rewards", "train/rm/rejected_rewards"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
-    ea, eb = (merged(d) for d in (ddp, zero2))
-    assert ea["eval/rm/validation/num_pairs"] == eb["eval/rm/validation/num_pairs"] == 13
-    assert ea["eval/rm/validation/accuracy"] == eb["eval/rm/validation/accuracy"]
-    assert ea["eval/rm/reward_bias"] == pytest.approx(eb["eval/rm/reward_bias"], abs=1e-5)
-    assert_same_weights(ddp, zero2, atol=1e-5, reward_model=True)
+    zero3 = launch("reward_tldr.py", flags, str(tmp_path / "zero3"), zero_stage=3)  # the head is drawn sharded
+    for run in (zero2, zero3):
+        assert ds_config(run)["gradient_clipping"] == 0  # [N+ 1.D.21]
+        one, two = (records(d, "train/rm/loss") for d in (ddp, run))
+        assert len(one) == len(two) == 4
+        for a, b in zip(one, two):
+            for k in ("train/rm/loss", "train/rm/chosen_rewards", "train/rm/rejected_rewards"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (run, k)
+        ea, eb = (merged(d) for d in (ddp, run))
+        assert ea["eval/rm/validation/num_pairs"] == eb["eval/rm/validation/num_pairs"] == 13
+        assert ea["eval/rm/validation/accuracy"] == eb["eval/rm/validation/accuracy"]
+        assert ea["eval/rm/reward_bias"] == pytest.approx(eb["eval/rm/reward_bias"], abs=1e-5)
+        assert_same_weights(ddp, run, atol=1e-5, reward_model=True)
 
 
 def test_ppo_zero2_and_zero3_frozen_models_match_data_parallel(tiny_model, sft_data, tmp_path):
