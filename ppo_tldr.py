@@ -52,6 +52,8 @@ Deviations from the reference code (each deliberate; none changes the algorithm)
     CPU flash kernel with a padding mask is slower there), and freed host memory is kept for reuse
     (--keep_freed_memory). Together 17% less time per bf16 update for SmolLM2 (README "Throughput").
   * Prompts are checked as SFT rows: malformed rows and repeated ids are errors, empty posts or summaries skipped.
+  * Optional (--skip_after_eos, off): the scoring and training forwards stop at EOS+1 of the longest response of
+    their chunk or micro-batch; causal attention keeps every position a loss reads, so the losses are the same.
 
 Launch:
   python ppo_tldr.py --sft_model_path runs/sft --reward_model_path runs/rm      # paper defaults, one GPU (GA 32)
@@ -67,6 +69,9 @@ newest --keep_states kept) and --resume continues from the newest complete one; 
 (143/130); a NaN or Inf score, value, log-prob, reward, advantage or loss stops the run at once, naming the quantity
 and the step, and saves the last good state when the weights are still those of the previous update. Malformed rows
 are errors naming the row; rows with an empty post or summary are skipped, counted (data/<split>/skipped/<reason>).
+Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
+cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
+the final model is written atomically.
 
 Metrics (appended to <output_dir>/metrics.jsonl; x-axis `episodes` = rollouts so far, in every record; the shared
 Logger also writes the same number as `samples`). Each is a mean over the whole update, gathered across ranks:
@@ -152,8 +157,9 @@ class Args:
     """keep the newest N states (older ones are deleted after each save); 2 leaves a fallback when the newest is
     found corrupt on resume"""
     resume: bool = False
-    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh), so
-    one launch line serves a requeued job; needs --output_dir"""
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh, with
+    a warning, moving the files of the run that left no usable state aside), so one launch line serves a requeued
+    job; needs --output_dir"""
 
     # --- data
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -228,10 +234,16 @@ class Args:
     local_rollout_forward_batch_size: int = 64
     """rollouts per generation and per no-grad forward (reference, value, reward) on each process; paper
     64 / 32 / 4 [N+ 1.D.4, 1.D.6]"""
-    total_episodes: int = 1_000_000
-    """rollouts in the whole run; updates = total_episodes // batch_size (1953) [N+ 1.D.4]"""
+    total_episodes: int = 999_936
+    """rollouts in the whole run, whole batches only: updates = total_episodes / batch_size. The paper's 1M episodes
+    make 1953 updates of 512 (the reference drops the remainder), which is 999,936 episodes [N+ 1.D.4]"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of policy and value model (memory for time)"""
+    skip_after_eos: bool = False
+    """in the scoring and training forwards of a chunk or micro-batch, drop the response columns after the last
+    position any loss reads (EOS+1 of its longest response; `kept_response_length`): attention is causal, so the kept
+    positions are unchanged and the losses are the same (README "Throughput"). Only the `*_with_padding` metrics,
+    which average over the computed padding positions too, change; off = the reference's full-length forwards"""
     response_logits_only: bool = True
     """compute the LM head only where log-probs are read (the R response positions) in the reference and training
     forwards, instead of at every query position: same log-probs, fewer FLOPs, and the (B, T, V) logits tensor shrinks
@@ -297,6 +309,7 @@ def derive(args: Args, world_size: int) -> Derived:
     grad_accum = exact_div(local_mini_batch_size, args.local_micro_batch_size,
                            "minibatch over --local_micro_batch_size")
     exact_div(args.validation_probe_size, world_size, "--validation_probe_size over processes")
+    check_episodes(args.total_episodes, args.batch_size)
     num_updates = args.total_episodes // args.batch_size
     if num_updates < 1:
         raise ValueError(f"--total_episodes {args.total_episodes} is smaller than --batch_size {args.batch_size}")
@@ -388,7 +401,7 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None):
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
     """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
     split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
     (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
@@ -397,12 +410,22 @@ def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[s
 
     `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
     Local split files load one at a time: a joint load would impose the first file's column types on every split
-    (a column that is null in train but text in validation fails)."""
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
     import datasets
 
     exts = (".jsonl", ".json", ".parquet")
+    if not os.path.isdir(dataset):
+        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
+                   else hub_problem(dataset, "dataset"))
+        if problem:
+            raise ValueError(f"{flag} {dataset}: {problem}")
     files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
     if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
         try:
             return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
         except RuntimeError as e:
@@ -418,13 +441,23 @@ def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[s
             raise ValueError(f"{dataset}: two files for split {stem!r}")
         builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
         if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
             with open(path, "rb") as f:
                 for line_number, line in enumerate(f, 1):
                     try:
-                        line.decode("utf-8")
+                        text = line.decode("utf-8")
                     except UnicodeDecodeError as e:
                         raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
                                          f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
+                        try:
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
         try:
             splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
@@ -537,6 +570,12 @@ def trim_padding_columns(ids: torch.Tensor, pad_token_id: int, side: Literal["le
         return ids[:, :1]
     nz = real.nonzero().flatten()
     return ids[:, nz[0] :] if side == "left" else ids[:, : nz[-1] + 1]
+
+
+def kept_response_length(sequence_lengths: torch.Tensor, response_length: int) -> int:
+    """Response columns a forward must compute so that every position a loss reads is computed: up to EOS+1 (the
+    value model's last position, `response_masks`) of the longest response; all R when one has no EOS."""
+    return min(response_length, int(sequence_lengths.max().item()) + 2)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1030,11 +1069,236 @@ RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "o
                      "max_eval_samples", "keep_freed_memory"}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
+# atomically; an older run in the output folder moved aside. Copied verbatim into every stage file.
+# ---------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "samples", "dataset", "final_model.tmp", "config.json",
+               "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
+               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
+    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
+    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
+
+
+def check_episodes(total_episodes: int, batch_size: int) -> None:
+    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
+    if total_episodes % batch_size:
+        low = total_episodes // batch_size * batch_size
+        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
+        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
+                         f"remainder would be dropped); pass {choices}")
+
+
+def hub_problem(name: str, repo_type: str) -> Optional[str]:
+    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
+    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
+    a mistyped relative folder fails at once instead of after the hub client's retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
+        return "no such folder (and not a hub name of the form owner/name)"
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
+    if os.path.isdir(cached):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
+    try:
+        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
+    except Exception as e:  # not found, gated, no network: all mean the run cannot start
+        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
+    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        except ValueError:
+            header = None
+    if header is None:
+        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    if size < 8 + header_len + end:
+        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
+    return None
+
+
+def weights_problem(folder: str) -> Optional[str]:
+    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
+    safetensors file cut short."""
+    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+             if os.path.isfile(os.path.join(folder, n))]
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif index:
+        with open(os.path.join(folder, index[0])) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        return "no model weights (model.safetensors); a run that did not finish saves none"
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"the weights file {name} is missing"
+        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
+        if problem or not os.path.getsize(path):
+            return problem or f"{name} is empty"
+    return None
+
+
+def model_role(config: dict) -> str:
+    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
+    or a description of what else a config.json describes."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    def names(mapping):
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    archs = config.get("architectures") or []
+    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "causal_lm"
+    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels == 1 and "reward_bias" in config:
+            return "reward_model"
+        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
+    return f"model of architecture {archs or 'unknown'}"
+
+
+ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
+              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
+
+
+def check_model_source(path: str, flag: str, roles: tuple) -> None:
+    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
+    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
+    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
+    head). A hub model is checked at load (`load_checked`)."""
+    if not os.path.isdir(path):
+        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+        return
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
+    if not files & set(TOKENIZER_FILES):
+        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
+                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
+    problem = weights_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
+    with open(os.path.join(path, "config.json")) as f:
+        role = model_role(json.load(f))
+    if role not in roles:
+        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
+                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
+
+
+def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
+    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
+    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
+    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
+                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
+                         f"{type(model).__name__}; they would start random")
+    return model, info
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create the output folder and write a probe file into it: a run that could not save its model must fail
+    before it trains, not after."""
+    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
+    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
+    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
+    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
+    Returns the folder they went to (None: nothing to move)."""
+    import fnmatch
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
+        return None  # no run here (a new folder, or one that holds other things: left alone)
+    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    os.makedirs(root, exist_ok=True)
+    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
+    dest = os.path.join(root, str(number))
+    os.makedirs(dest)
+    for name in moved:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
+             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
+    return dest
+
+
+def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
+    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
+    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
+    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
+    files (a generation config) into the temporary folder on the main process."""
+    tmp = os.path.join(output_dir, "final_model.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                          state_dict=state_dict)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    accelerator.wait_for_everyone()
+
+
 # Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
-# when complete; the last file written into it is a manifest of every file's size (and a SHA-256 of the small
-# ones), so a state cut short by a crash, a full disk or a copy is recognised and skipped on resume.
+# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
+# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
 STATE_MANIFEST = "state_manifest.json"
-MANIFEST_HASH_LIMIT = 64 * 2**20  # files up to 64 MiB (metadata, RNG states) are hashed; larger ones size-checked
+# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
+# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
+MANIFEST_HASH_LIMIT = 64 * 2**20
 
 
 def file_sha256(path: str) -> str:
@@ -1045,6 +1309,16 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def state_problem(folder: str) -> Optional[str]:
@@ -1063,6 +1337,8 @@ def state_problem(folder: str) -> Optional[str]:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
         if "sha256" in entry and file_sha256(path) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
+        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
+            return f"{name} does not match its CRC-32 in the manifest"
     try:
         with open(os.path.join(folder, "trainer_state.json")) as f:
             json.load(f)
@@ -1107,6 +1383,8 @@ def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
                 entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
                 if entry["size"] <= MANIFEST_HASH_LIMIT:
                     entry["sha256"] = file_sha256(path)
+                else:
+                    entry["crc32"] = file_crc32(path)
         with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
             json.dump({"files": files}, f, indent=2)
             f.flush()
@@ -1183,7 +1461,9 @@ def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tup
     folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
     for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
         print_fn(message)
-    if folder is None:
+    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
+        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
+                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
         return None, None
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
@@ -1229,6 +1509,13 @@ def train_ppo(args: Args, stop: StopOnSignal):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     accelerator = make_accelerator()
+    # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
+    check_flags(args, positive=("batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
+                                "query_length", "response_length", "noptepochs", "nminibatches",
+                                "local_eval_batch_size"),
+                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
+                              "validation_probe_size", "sample_every", "max_eval_samples", "kl_coef", "temperature",
+                              "eval_temperature"))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # else each process would silently run alone, in the same output_dir
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
@@ -1250,11 +1537,10 @@ def train_ppo(args: Args, stop: StopOnSignal):
     broadcast_object_list(run_name)  # one name on every rank, also when their clocks tick apart
     run_name = run_name[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_run_info(args.output_dir, args, derived)
 
     # ---- data [N+ 1.A, 1.D.5]
+    check_model_source(args.sft_model_path, "--sft_model_path", ("causal_lm",))
+    check_model_source(args.reward_model_path, "--reward_model_path", ("reward_model",))
     tokenizer = load_chain_tokenizer(args.sft_model_path, args.reward_model_path)
     pad, eos, R = tokenizer.pad_token_id, tokenizer.eos_token_id, args.response_length
     logits_kept = R + 1 if args.response_logits_only else 0  # HF `logits_to_keep`: the last R+1 positions, or all
@@ -1300,12 +1586,20 @@ def train_ppo(args: Args, stop: StopOnSignal):
     # ---- four models [N+ 1.D.1], dropout off in all [N+ 1.B.2]
     attn = attention_kernel(args.attn_implementation, device.type, accelerator.mixed_precision)
     load = dict(dtype=torch.float32, attn_implementation=attn)
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **load)
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.sft_model_path, **load)
+    # every weight must come from the checkpoints: a random LM head or value head would train silently
+    policy, _ = load_checked(AutoModelForCausalLM, args.sft_model_path, "--sft_model_path", **load)
+    ref_policy, _ = load_checked(AutoModelForCausalLM, args.sft_model_path, "--sft_model_path", **load)
     rm_path = args.reward_model_path
-    critic = NormalizedScalarModel(AutoModelForSequenceClassification.from_pretrained(rm_path, **load),
-                                   value_head_bias=True)  # = the RM, plus a trained head bias starting at 0
-    reward_model = NormalizedScalarModel(AutoModelForSequenceClassification.from_pretrained(rm_path, **load))
+    # the value model = the RM, plus a trained head bias starting at 0
+    critic = NormalizedScalarModel(load_checked(AutoModelForSequenceClassification, rm_path, "--reward_model_path",
+                                                **load)[0], value_head_bias=True)
+    reward_model = NormalizedScalarModel(load_checked(AutoModelForSequenceClassification, rm_path,
+                                                      "--reward_model_path", **load)[0])
+    check_output_dir(args.output_dir)
+    if accelerator.is_main_process:
+        if resumed is None:  # a fresh run never appends to an older run's records
+            set_aside_previous_run(args.output_dir, accelerator.print)
+        write_run_info(args.output_dir, args, derived)
     for m in (policy, ref_policy, critic.model, reward_model.model):
         disable_dropout(m)
     ref_policy.config.use_cache = False  # full forwards only: do not keep a KV cache of every query
@@ -1466,19 +1760,23 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 response, logprob = generate_with_logprobs(unwrapped.policy, query, pad, rollout_config, R)  # (b, R)
                 time_generation += time.time() - t0
                 t0 = time.time()
-                query_response = torch.cat((query, response), 1)  # (b, Q+R)
-                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8]
-                ref_output = forward(ref_policy, query_response, pad, logits_to_keep=logits_kept)
-                ref_logits = response_logits(ref_output.logits, R)  # (b, R, V)
-                ref_logprob = response_logprobs(ref_logits, response, args.temperature)  # (b, R)
-                del ref_output, ref_logits
                 # 3. response processing 1: keep the first EOS, pad everything after it [N+ 1.D.9]
                 postprocessed_response = truncate_response(response, eos, pad)  # (b, R)
+                # --skip_after_eos: the forwards below compute the first L <= R response columns only
+                L = kept_response_length(response_masks(postprocessed_response, pad)[0], R) if args.skip_after_eos else R
+                query_response = torch.cat((query, response[:, :L]), 1)  # (b, Q+L)
+                # 2. reference log-probs from temperature-scaled logits [N+ 1.D.8]
+                ref_output = forward(ref_policy, query_response, pad, logits_to_keep=L + 1 if logits_kept else 0)
+                ref_logits = response_logits(ref_output.logits, L)  # (b, L, V)
+                ref_logprob = response_logprobs(ref_logits, response[:, :L], args.temperature)  # (b, L)
+                del ref_output, ref_logits
                 # 4. values of the raw (untruncated) rollout: causal attention keeps positions <= EOS+1 unchanged;
                 #    values[t] is the value of the state before response token t [N+ 1.D.11]
-                value = forward(unwrapped.critic, query_response, pad)[:, context_length - 1 : -1]  # (b, R)
+                value = forward(unwrapped.critic, query_response, pad)[:, context_length - 1 : -1]  # (b, L)
+                # columns past L are padding for every loss; filled here, masked in step 7
+                ref_logprob, value = F.pad(ref_logprob, (0, R - L)), F.pad(value, (0, R - L))  # (b, R)
                 # 5. response processing 2: the RM scores the truncated response at its EOS token [N+ 1.D.12]
-                score = get_score(reward_model, torch.cat((query, postprocessed_response), 1), pad,
+                score = get_score(reward_model, torch.cat((query, postprocessed_response[:, :L]), 1), pad,
                                   context_length)  # (b,)
                 time_scoring += time.time() - t0
                 responses.append(response)
@@ -1538,21 +1836,26 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 for ga_idx, micro_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
                     with accelerator.accumulate(model):
                         mb = mini_batch_inds[micro_start : micro_start + args.local_micro_batch_size]
+                        # L = R, or with --skip_after_eos the response columns up to the last one a loss reads
+                        L = kept_response_length(sequence_lengths[mb], R) if args.skip_after_eos else R
                         mb_query_responses = trim_padding_columns(query_responses[mb], pad, "left")  # (b, Q'+R)
-                        mb_context_length = mb_query_responses.shape[1] - R
+                        mb_query_responses = mb_query_responses[:, : mb_query_responses.shape[1] - R + L]  # (b, Q'+L)
+                        mb_context_length = mb_query_responses.shape[1] - L
                         training_tokens += mb_query_responses.numel()
                         training_attention_pairs += mb_query_responses.numel() * mb_query_responses.shape[1]
-                        mb_padding_mask, mb_value_padding_mask = padding_mask[mb], value_padding_mask[mb]
+                        mb_padding_mask, mb_value_padding_mask = padding_mask[mb, :L], value_padding_mask[mb, :L]
+                        mb_logprobs, mb_advantages = logprobs[mb, :L], advantages[mb, :L]
                         # one pass through both networks
-                        output, vpred_temp = forward(model, mb_query_responses, pad, logits_to_keep=logits_kept)
-                        logits = response_logits(output.logits, R).float()  # (b, R, V)
-                        new_logprobs = response_logprobs(logits, responses[mb], args.temperature)  # (b, R)
+                        output, vpred_temp = forward(model, mb_query_responses, pad,
+                                                     logits_to_keep=L + 1 if logits_kept else 0)
+                        logits = response_logits(output.logits, L).float()  # (b, L, V)
+                        new_logprobs = response_logprobs(logits, responses[mb, :L], args.temperature)  # (b, L)
                         new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
-                        vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, R)
+                        vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, L)
                         vpred = torch.masked_fill(vpred, mb_value_padding_mask, 0)
-                        vf_loss, vf_clipped = value_loss(vpred, values[mb], returns[mb], ~mb_value_padding_mask,
-                                                         args.cliprange_value)
-                        pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, logprobs[mb], advantages[mb],
+                        vf_loss, vf_clipped = value_loss(vpred, values[mb, :L], returns[mb, :L],
+                                                         ~mb_value_padding_mask, args.cliprange_value)
+                        pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, mb_logprobs, mb_advantages,
                                                                  ~mb_padding_mask, args.cliprange)
                         # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
                         loss = pg_loss + args.vf_coef * vf_loss
@@ -1567,7 +1870,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                         optimizer.zero_grad()
                     with torch.no_grad():
                         valid = ~mb_padding_mask
-                        logprobs_diff = new_logprobs - logprobs[mb]
+                        logprobs_diff = new_logprobs - mb_logprobs
                         approxkl = 0.5 * logprobs_diff**2
                         scaled = logits / (args.temperature + 1e-7)
                         # entropy of the full next-token distribution: logsumexp(z) - sum softmax(z) z
@@ -1654,14 +1957,11 @@ def train_ppo(args: Args, stop: StopOnSignal):
     # ---- save the policy as a standard Hugging Face folder [N+ 1.D.26]
     accelerator.wait_for_everyone()
     policy = unwrapped.policy
-    policy.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
-        # the saved generation config stops at EOS (what users of the checkpoint expect) with the eval sampling;
-        # written over the one save_pretrained wrote, so the in-memory policy keeps sampling exactly R tokens
-        saved_config = sampling_config(args.response_length, args.eval_temperature)
-        saved_config.eos_token_id, saved_config.pad_token_id = eos, pad
-        saved_config.save_pretrained(args.output_dir)
+    # the saved generation config stops at EOS (what users of the checkpoint expect) with the eval sampling;
+    # written over the one save_pretrained wrote, so the in-memory policy keeps sampling exactly R tokens
+    saved_config = sampling_config(args.response_length, args.eval_temperature)
+    saved_config.eos_token_id, saved_config.pad_token_id = eos, pad
+    save_model_atomic(policy, tokenizer, args.output_dir, accelerator, extra=saved_config.save_pretrained)
 
     # ---- final evaluation: the tables that the win-rate judge reads [N+ 1.D.25]
     if args.run_eval:

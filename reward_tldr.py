@@ -70,6 +70,9 @@ Launch:
 Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
 newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
 (143/130); a NaN or Inf reward or loss stops the run at once, naming the quantity, the step and the last good state.
+Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
+cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
+the final model is written atomically.
 
 Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training pairs seen):
   train/rm/{loss,accuracy,chosen_rewards,rejected_rewards,lr}  per optimizer step: mean over the grad-accum window
@@ -137,8 +140,8 @@ class Args:
     keep_states: int = 2
     """keep the newest N states; 2 leaves a fallback when the newest is found corrupt on resume"""
     resume: bool = False
-    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh);
-    needs --output_dir"""
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh,
+    with a warning, moving the files of the run that left no usable state aside); needs --output_dir"""
 
     # --- model and data
     sft_model_path: str = tyro.MISSING
@@ -308,7 +311,7 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None):
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
     """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
     split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
     (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
@@ -317,12 +320,22 @@ def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[s
 
     `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
     Local split files load one at a time: a joint load would impose the first file's column types on every split
-    (a column that is null in train but text in validation fails)."""
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
     import datasets
 
     exts = (".jsonl", ".json", ".parquet")
+    if not os.path.isdir(dataset):
+        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
+                   else hub_problem(dataset, "dataset"))
+        if problem:
+            raise ValueError(f"{flag} {dataset}: {problem}")
     files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
     if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
         try:
             return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
         except RuntimeError as e:
@@ -338,13 +351,23 @@ def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[s
             raise ValueError(f"{dataset}: two files for split {stem!r}")
         builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
         if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
             with open(path, "rb") as f:
                 for line_number, line in enumerate(f, 1):
                     try:
-                        line.decode("utf-8")
+                        text = line.decode("utf-8")
                     except UnicodeDecodeError as e:
                         raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
                                          f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
+                        try:
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
         try:
             splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
@@ -432,6 +455,33 @@ def comparison_problem(info, summaries, choice, cnndm: bool, name: str) -> Optio
     return None
 
 
+def check_comparison_columns(dataset) -> None:
+    for split, ds in dataset.items():
+        missing = [c for c in COMPARISON_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(COMPARISON_COLUMNS)} (+ extra)")
+
+
+def comparison_fields(row: dict, i: int, split: str) -> tuple:
+    """(info, summaries as a list of dicts, the row's name for errors, whether it is a CNN/DM row)."""
+    info, summaries = row["info"], row["summaries"]
+    if isinstance(summaries, dict):  # a `Sequence` of structs arrives as a dict of lists
+        summaries = [dict(zip(summaries, values)) for values in zip(*summaries.values())]
+    name = f"split {split!r} row {i} (info.id={info.get('id') if isinstance(info, dict) else None!r})"
+    return info, summaries, name, row["batch"] in CNNDM_BATCHES
+
+
+def check_comparison_rows(dataset) -> None:
+    """Check every row of every split before --total_episodes and --max_eval_samples cut and shuffle them: a missing
+    column or a malformed row (`comparison_problem`) is an error naming the split and the row of its file, so a
+    bad row fails a smoke run too. Text only, no tokenizing: cheap."""
+    check_comparison_columns(dataset)
+    for split, ds in dataset.items():
+        for i, row in enumerate(ds.select_columns(["info", "summaries", "choice", "batch"])):
+            info, summaries, name, cnndm = comparison_fields(row, i, split)
+            comparison_problem(info, summaries, row["choice"], cnndm, name)
+
+
 def tokenize_comparisons(dataset, tokenizer, args: Args):
     """Token columns and CSV metadata for every split, skipped rows dropped [N+ 1.A.10-12].
 
@@ -439,10 +489,7 @@ def tokenize_comparisons(dataset, tokenizer, args: Args):
     `query_token` (the smart-truncated query), `chosen_token` and `rejected_token` (summary + EOS)."""
     import datasets
 
-    for split, ds in dataset.items():
-        missing = [c for c in COMPARISON_COLUMNS if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(COMPARISON_COLUMNS)} (+ extra)")
+    check_comparison_columns(dataset)
     ids, text = datasets.List(datasets.Value("int32")), datasets.Value("string")
     features = datasets.Features({
         "skip": text, "id": text, "query_token": ids, "chosen_token": ids, "rejected_token": ids,
@@ -455,11 +502,7 @@ def tokenize_comparisons(dataset, tokenizer, args: Args):
                    "policies": "", "chosen_policy": "", "rejected_policy": ""}
 
     def process(row, i, split_name):
-        info, summaries = row["info"], row["summaries"]
-        if isinstance(summaries, dict):  # a `Sequence` of structs arrives as a dict of lists
-            summaries = [dict(zip(summaries, values)) for values in zip(*summaries.values())]
-        name = f"split {split_name!r} row {i} (info.id={info.get('id') if isinstance(info, dict) else None!r})"
-        cnndm = row["batch"] in CNNDM_BATCHES
+        info, summaries, name, cnndm = comparison_fields(row, i, split_name)
         skip = comparison_problem(info, summaries, row["choice"], cnndm, name)
         if skip:
             return {**skipped_row, "skip": skip}
@@ -698,9 +741,13 @@ def load_reward_model(path: str, tokenizer):
     Seed the RNG first: a new head is drawn from it."""
     from transformers import AutoModelForSequenceClassification
 
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, output_loading_info=True
-    )  # [N+ 1.C.1] backbone from the SFT model; its LM head is dropped
+    new_head = True  # from an SFT model (or a hub model): a new head; a reward checkpoint keeps its own
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            new_head = model_role(json.load(f)) == "causal_lm"
+    model, info = load_checked(AutoModelForSequenceClassification, path, "--sft_model_path",
+                               new_ok=("score.",) if new_head else (), num_labels=1, dtype=torch.float32)
+    # [N+ 1.C.1] backbone from the SFT model; its LM head is dropped
     rows = model.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3
     if len(tokenizer) > rows:
         raise ValueError(
@@ -895,14 +942,239 @@ def accuracy_metrics(df, split: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
+# atomically; an older run in the output folder moved aside. Copied verbatim into every stage file.
+# ---------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "samples", "dataset", "final_model.tmp", "config.json",
+               "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
+               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
+    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
+    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
+
+
+def check_episodes(total_episodes: int, batch_size: int) -> None:
+    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
+    if total_episodes % batch_size:
+        low = total_episodes // batch_size * batch_size
+        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
+        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
+                         f"remainder would be dropped); pass {choices}")
+
+
+def hub_problem(name: str, repo_type: str) -> Optional[str]:
+    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
+    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
+    a mistyped relative folder fails at once instead of after the hub client's retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
+        return "no such folder (and not a hub name of the form owner/name)"
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
+    if os.path.isdir(cached):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
+    try:
+        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
+    except Exception as e:  # not found, gated, no network: all mean the run cannot start
+        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
+    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        except ValueError:
+            header = None
+    if header is None:
+        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    if size < 8 + header_len + end:
+        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
+    return None
+
+
+def weights_problem(folder: str) -> Optional[str]:
+    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
+    safetensors file cut short."""
+    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+             if os.path.isfile(os.path.join(folder, n))]
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif index:
+        with open(os.path.join(folder, index[0])) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        return "no model weights (model.safetensors); a run that did not finish saves none"
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"the weights file {name} is missing"
+        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
+        if problem or not os.path.getsize(path):
+            return problem or f"{name} is empty"
+    return None
+
+
+def model_role(config: dict) -> str:
+    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
+    or a description of what else a config.json describes."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    def names(mapping):
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    archs = config.get("architectures") or []
+    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "causal_lm"
+    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels == 1 and "reward_bias" in config:
+            return "reward_model"
+        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
+    return f"model of architecture {archs or 'unknown'}"
+
+
+ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
+              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
+
+
+def check_model_source(path: str, flag: str, roles: tuple) -> None:
+    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
+    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
+    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
+    head). A hub model is checked at load (`load_checked`)."""
+    if not os.path.isdir(path):
+        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+        return
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
+    if not files & set(TOKENIZER_FILES):
+        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
+                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
+    problem = weights_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
+    with open(os.path.join(path, "config.json")) as f:
+        role = model_role(json.load(f))
+    if role not in roles:
+        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
+                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
+
+
+def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
+    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
+    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
+    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
+                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
+                         f"{type(model).__name__}; they would start random")
+    return model, info
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create the output folder and write a probe file into it: a run that could not save its model must fail
+    before it trains, not after."""
+    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
+    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
+    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
+    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
+    Returns the folder they went to (None: nothing to move)."""
+    import fnmatch
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
+        return None  # no run here (a new folder, or one that holds other things: left alone)
+    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    os.makedirs(root, exist_ok=True)
+    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
+    dest = os.path.join(root, str(number))
+    os.makedirs(dest)
+    for name in moved:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
+             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
+    return dest
+
+
+def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
+    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
+    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
+    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
+    files (a generation config) into the temporary folder on the main process."""
+    tmp = os.path.join(output_dir, "final_model.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                          state_dict=state_dict)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Resumable training state, stop signals and divergence. Copied verbatim from sft_tldr.py.
 # ---------------------------------------------------------------------------------------------------------
 
 # Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
-# when complete; the last file written into it is a manifest of every file's size (and a SHA-256 of the small
-# ones), so a state cut short by a crash, a full disk or a copy is recognised and skipped on resume.
+# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
+# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
 STATE_MANIFEST = "state_manifest.json"
-MANIFEST_HASH_LIMIT = 64 * 2**20  # files up to 64 MiB (metadata, RNG states) are hashed; larger ones size-checked
+# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
+# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
+MANIFEST_HASH_LIMIT = 64 * 2**20
 
 
 def file_sha256(path: str) -> str:
@@ -913,6 +1185,16 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def state_problem(folder: str) -> Optional[str]:
@@ -931,6 +1213,8 @@ def state_problem(folder: str) -> Optional[str]:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
         if "sha256" in entry and file_sha256(path) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
+        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
+            return f"{name} does not match its CRC-32 in the manifest"
     try:
         with open(os.path.join(folder, "trainer_state.json")) as f:
             json.load(f)
@@ -975,6 +1259,8 @@ def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
                 entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
                 if entry["size"] <= MANIFEST_HASH_LIMIT:
                     entry["sha256"] = file_sha256(path)
+                else:
+                    entry["crc32"] = file_crc32(path)
         with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
             json.dump({"files": files}, f, indent=2)
             f.flush()
@@ -1051,7 +1337,9 @@ def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tup
     folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
     for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
         print_fn(message)
-    if folder is None:
+    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
+        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
+                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
         return None, None
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
@@ -1104,11 +1392,25 @@ def train_reward(args: Args, stop: StopOnSignal):
     from transformers import get_scheduler
 
     accelerator = make_accelerator()
+    # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
+    check_flags(args, positive=("batch_size", "local_micro_batch_size", "query_length", "response_length",
+                                "cnndm_query_length", "cnndm_response_length", "normalization_response_length",
+                                "local_eval_batch_size"),
+                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
+                              "normalization_samples", "max_eval_samples"))
+    if args.total_episodes:
+        check_episodes(args.total_episodes, args.batch_size)
+    check_model_source(args.sft_model_path, "--sft_model_path", ("causal_lm", "reward_model"))
     tokenizer = load_tokenizer(args.sft_model_path)  # the SFT checkpoint's tokenizer with its [PAD] [N+ 1.A.1]
     pad = tokenizer.pad_token_id
     with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
-        # [N+ 1.A.2, 1.A.12] the comparisons, CNN/DM validation rows as their own split
-        dataset = split_cnndm(load_splits(args.dataset, args.dataset_subset, args.dataset_revision))
+        dataset = load_splits(args.dataset, args.dataset_subset, args.dataset_revision)  # [N+ 1.A.2]
+        check_comparison_rows(dataset)  # all rows, named as in the files, before any cut
+        dataset = split_cnndm(dataset)  # [N+ 1.A.12] the CNN/DM validation rows as their own split
+        # the SFT references that set the reward bias, read now so a wrong --sft_dataset fails before training
+        references = load_splits(args.sft_dataset, flag="--sft_dataset") if args.normalization_samples != 0 else None
+    if references is not None and "train" not in references:
+        raise ValueError(f"{args.sft_dataset} has no 'train' split (found {list(references)})")
     if "train" not in dataset:
         raise ValueError(f"{args.dataset} has no 'train' split (found {list(dataset)})")
     if args.run_eval and "validation" not in dataset:
@@ -1134,8 +1436,12 @@ def train_reward(args: Args, stop: StopOnSignal):
     run_name = resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = broadcast_object_list([run_name])[0]  # one name for all ranks
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    seed_everything(args.seed)  # the head and the data order come from the global seed; nothing here samples
+    model = ScalarModel(load_reward_model(args.sft_model_path, tokenizer))  # before any output: checked weights
+    check_output_dir(args.output_dir)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        if resumed is None:  # a fresh run never appends to an older run's records
+            set_aside_previous_run(args.output_dir, accelerator.print)
         write_run_info(args.output_dir, args, derived)
         if resumed is not None:  # drop what the interrupted run logged after its last state
             cut_metrics(args.output_dir, resumed["metrics_lines"])
@@ -1153,8 +1459,6 @@ def train_reward(args: Args, stop: StopOnSignal):
     if resumed is None:  # a resumed run kept these in metrics.jsonl
         logger.log(data_metrics, 0)
 
-    seed_everything(args.seed)  # the head and the data order come from the global seed; nothing here samples
-    model = ScalarModel(load_reward_model(args.sft_model_path, tokenizer))
     accelerator.print(
         f"{derived.total_episodes} training pairs, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
         f"{derived.gradient_accumulation_steps} accumulation x {derived.world_size} processes -> {derived.num_updates} "
@@ -1272,10 +1576,6 @@ def train_reward(args: Args, stop: StopOnSignal):
     # ---- normalisation: reference summaries of the SFT train split average 0 [N+ 1.C.11]
     start, bias = time.time(), float(getattr(unwrapped.config, "reward_bias", 0.0))
     if args.normalization_samples != 0:
-        with accelerator.main_process_first():
-            references = load_splits(args.sft_dataset)
-        if "train" not in references:
-            raise ValueError(f"{args.sft_dataset} has no 'train' split (found {list(references)})")
         references = references["train"]
         if args.normalization_samples is not None and args.normalization_samples < len(references):
             references = references.shuffle(seed=args.seed).select(range(args.normalization_samples))
@@ -1340,12 +1640,7 @@ def train_reward(args: Args, stop: StopOnSignal):
         state_dict = accelerator.get_state_dict(model)  # every rank takes part; under ZeRO-3 only rank 0 gets one
         if state_dict is not None:
             state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}  # HF names
-        unwrapped.save_pretrained(
-            args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-            state_dict=state_dict,
-        )
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(args.output_dir)
+        save_model_atomic(unwrapped, tokenizer, args.output_dir, accelerator, state_dict=state_dict)
         accelerator.print(f"saved {args.output_dir} (reward_bias {bias:.4f}, peak memory {peak_memory_gib():.2f} GiB)")
     accelerator.end_training()
     return unwrapped

@@ -42,6 +42,9 @@ Launch:
 Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
 newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
 (143/130); a NaN or Inf loss stops the run at once, naming the quantity, the step and the last good state.
+Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
+cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
+the final model is written atomically.
 
 Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training sequences seen):
   train/sft/loss, train/sft/lr                      mean token cross-entropy over the grad-accum window, LR
@@ -96,8 +99,8 @@ class Args:
     keep_states: int = 2
     """keep the newest N states; 2 leaves a fallback when the newest is found corrupt on resume"""
     resume: bool = False
-    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh);
-    needs --output_dir"""
+    """continue from the newest complete state in <output_dir>/checkpoints if there is one (else start fresh,
+    with a warning, moving the files of the run that left no usable state aside); needs --output_dir"""
 
     # --- data
     base_model: str = "EleutherAI/pythia-1b-deduped"
@@ -147,6 +150,10 @@ class Args:
     """evaluate only the first N rows of each split (quick runs); None = all"""
     eval_temperature: float = 0.01
     """sampling temperature at evaluation, as OpenAI's sample.py [N+ 1.B.10, 1.F.6]"""
+    stop_generation_at_eos: bool = False
+    """stop sampling a batch once every response has an EOS (faster; the reference samples response_length tokens
+    and truncates after the first EOS, which gives the same evaluated texts; only the random stream of later
+    batches changes)"""
 
 
 @dataclass
@@ -250,7 +257,7 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None):
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
     """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
     split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
     (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
@@ -259,12 +266,22 @@ def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[s
 
     `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
     Local split files load one at a time: a joint load would impose the first file's column types on every split
-    (a column that is null in train but text in validation fails)."""
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
     import datasets
 
     exts = (".jsonl", ".json", ".parquet")
+    if not os.path.isdir(dataset):
+        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
+                   else hub_problem(dataset, "dataset"))
+        if problem:
+            raise ValueError(f"{flag} {dataset}: {problem}")
     files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
     if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
         try:
             return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
         except RuntimeError as e:
@@ -280,13 +297,23 @@ def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[s
             raise ValueError(f"{dataset}: two files for split {stem!r}")
         builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
         if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
             with open(path, "rb") as f:
                 for line_number, line in enumerate(f, 1):
                     try:
-                        line.decode("utf-8")
+                        text = line.decode("utf-8")
                     except UnicodeDecodeError as e:
                         raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
                                          f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
+                        try:
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
         try:
             splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
@@ -611,14 +638,239 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
+# atomically; an older run in the output folder moved aside. Copied verbatim into every stage file.
+# ---------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "samples", "dataset", "final_model.tmp", "config.json",
+               "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
+               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
+    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
+    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
+
+
+def check_episodes(total_episodes: int, batch_size: int) -> None:
+    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
+    if total_episodes % batch_size:
+        low = total_episodes // batch_size * batch_size
+        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
+        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
+                         f"remainder would be dropped); pass {choices}")
+
+
+def hub_problem(name: str, repo_type: str) -> Optional[str]:
+    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
+    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
+    a mistyped relative folder fails at once instead of after the hub client's retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
+        return "no such folder (and not a hub name of the form owner/name)"
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
+    if os.path.isdir(cached):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
+    try:
+        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
+    except Exception as e:  # not found, gated, no network: all mean the run cannot start
+        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
+    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        except ValueError:
+            header = None
+    if header is None:
+        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    if size < 8 + header_len + end:
+        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
+    return None
+
+
+def weights_problem(folder: str) -> Optional[str]:
+    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
+    safetensors file cut short."""
+    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+             if os.path.isfile(os.path.join(folder, n))]
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif index:
+        with open(os.path.join(folder, index[0])) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        return "no model weights (model.safetensors); a run that did not finish saves none"
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"the weights file {name} is missing"
+        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
+        if problem or not os.path.getsize(path):
+            return problem or f"{name} is empty"
+    return None
+
+
+def model_role(config: dict) -> str:
+    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
+    or a description of what else a config.json describes."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    def names(mapping):
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    archs = config.get("architectures") or []
+    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "causal_lm"
+    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels == 1 and "reward_bias" in config:
+            return "reward_model"
+        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
+    return f"model of architecture {archs or 'unknown'}"
+
+
+ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
+              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
+
+
+def check_model_source(path: str, flag: str, roles: tuple) -> None:
+    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
+    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
+    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
+    head). A hub model is checked at load (`load_checked`)."""
+    if not os.path.isdir(path):
+        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+        return
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
+    if not files & set(TOKENIZER_FILES):
+        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
+                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
+    problem = weights_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
+    with open(os.path.join(path, "config.json")) as f:
+        role = model_role(json.load(f))
+    if role not in roles:
+        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
+                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
+
+
+def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
+    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
+    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
+    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
+                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
+                         f"{type(model).__name__}; they would start random")
+    return model, info
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create the output folder and write a probe file into it: a run that could not save its model must fail
+    before it trains, not after."""
+    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
+    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
+    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
+    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
+    Returns the folder they went to (None: nothing to move)."""
+    import fnmatch
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
+        return None  # no run here (a new folder, or one that holds other things: left alone)
+    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    os.makedirs(root, exist_ok=True)
+    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
+    dest = os.path.join(root, str(number))
+    os.makedirs(dest)
+    for name in moved:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
+             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
+    return dest
+
+
+def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
+    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
+    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
+    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
+    files (a generation config) into the temporary folder on the main process."""
+    tmp = os.path.join(output_dir, "final_model.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                          state_dict=state_dict)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Resumable training state, stop signals and divergence. Copied verbatim into reward_tldr.py and ppo_tldr.py.
 # ---------------------------------------------------------------------------------------------------------
 
 # Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
-# when complete; the last file written into it is a manifest of every file's size (and a SHA-256 of the small
-# ones), so a state cut short by a crash, a full disk or a copy is recognised and skipped on resume.
+# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
+# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
 STATE_MANIFEST = "state_manifest.json"
-MANIFEST_HASH_LIMIT = 64 * 2**20  # files up to 64 MiB (metadata, RNG states) are hashed; larger ones size-checked
+# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
+# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
+MANIFEST_HASH_LIMIT = 64 * 2**20
 
 
 def file_sha256(path: str) -> str:
@@ -629,6 +881,16 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def state_problem(folder: str) -> Optional[str]:
@@ -647,6 +909,8 @@ def state_problem(folder: str) -> Optional[str]:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
         if "sha256" in entry and file_sha256(path) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
+        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
+            return f"{name} does not match its CRC-32 in the manifest"
     try:
         with open(os.path.join(folder, "trainer_state.json")) as f:
             json.load(f)
@@ -691,6 +955,8 @@ def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
                 entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
                 if entry["size"] <= MANIFEST_HASH_LIMIT:
                     entry["sha256"] = file_sha256(path)
+                else:
+                    entry["crc32"] = file_crc32(path)
         with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
             json.dump({"files": files}, f, indent=2)
             f.flush()
@@ -767,7 +1033,9 @@ def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tup
     folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
     for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
         print_fn(message)
-    if folder is None:
+    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
+        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
+                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
         return None, None
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
@@ -818,6 +1086,14 @@ def train_sft(args: Args, stop: StopOnSignal):
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, get_scheduler
 
+    # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
+    check_flags(args, positive=("batch_size", "local_micro_batch_size", "num_train_epochs", "query_length",
+                                "response_length", "local_eval_batch_size"),
+                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
+                              "max_eval_samples", "eval_temperature"))
+    if args.total_episodes:
+        check_episodes(args.total_episodes, args.batch_size)
+    check_model_source(args.base_model, "--base_model", ("causal_lm",))
     tokenizer = load_tokenizer(args.base_model)
     dataset = load_splits(args.dataset, revision=args.dataset_revision)
     if "train" not in dataset:
@@ -825,16 +1101,23 @@ def train_sft(args: Args, stop: StopOnSignal):
     missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
     if missing:
         raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
+    # the whole of every split is checked (text only, cheap) before --total_episodes and --max_eval_samples cut it:
+    # a bad row or a repeated id fails a smoke run too, and the errors name rows of the files
+    dataset, skipped = drop_bad_rows(dataset)
+    eval_keys = {split: split for split in args.eval_splits}  # evaluated split -> its key in `dataset`
+    if "train" in eval_keys:  # sampling the training posts (e.g. for comparisons): kept apart from the training cut
+        eval_keys["train"] = "train_evaluated"
+        dataset["train_evaluated"], skipped["train_evaluated"] = dataset["train"], skipped["train"]
     if args.max_eval_samples is not None:
-        for split in args.eval_splits:
-            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
+        for key in eval_keys.values():
+            dataset[key] = dataset[key].select(range(min(args.max_eval_samples, len(dataset[key]))))
     if args.total_episodes is not None:  # tokenize only what is used
         used = min(args.total_episodes, len(dataset["train"]))
         dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
 
     accelerator = make_accelerator()
     with accelerator.main_process_first():
-        dataset, skipped = tokenize_sft(dataset, tokenizer, args)
+        dataset, _ = tokenize_sft(dataset, tokenizer, args)  # the rows were checked above: nothing more is skipped
     data_metrics = {}
     for split, ds in dataset.items():
         data_metrics[f"data/{split}/rows"] = len(ds)
@@ -850,8 +1133,15 @@ def train_sft(args: Args, stop: StopOnSignal):
     run_name = resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = broadcast_object_list([run_name])[0]  # one name for all ranks
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    # [N+ 1.B.9] each process gets its own seed for sampling; data order comes from the global seed below
+    local_seed = args.seed + accelerator.process_index * 100003
+    seed_everything(local_seed)
+    if not args.preprocess_only:  # loaded before any output: a missing weight is refused first
+        model, _ = load_checked(AutoModelForCausalLM, args.base_model, "--base_model", dtype=torch.float32)
+    check_output_dir(args.output_dir)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        if resumed is None:  # a fresh run never appends to an older run's records
+            set_aside_previous_run(args.output_dir, accelerator.print)
         write_run_info(args.output_dir, args, derived)
 
     if args.preprocess_only:
@@ -861,10 +1151,6 @@ def train_sft(args: Args, stop: StopOnSignal):
         accelerator.print(f"saved the tokenized dataset and tokenizer to {args.output_dir}")
         return
 
-    # [N+ 1.B.9] each process gets its own seed for sampling; data order comes from the global seed below
-    local_seed = args.seed + accelerator.process_index * 100003
-    seed_everything(local_seed)
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
     fit_embeddings(model, tokenizer)  # [N+ 1.A.1] resize only when the pad id has no row
     disable_dropout(model)  # [N+ 1.B.2]
     optimizer = torch.optim.AdamW(
@@ -984,9 +1270,11 @@ def train_sft(args: Args, stop: StopOnSignal):
     model.eval()
     prepare_for_sampling(unwrapped)
     gen_config = sampling_config(args.response_length, args.eval_temperature)
+    if args.stop_generation_at_eos:  # finished rows are filled with the pad id, truncate_response keeps the EOS
+        gen_config.eos_token_id, gen_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if args.run_eval:
         for split in args.eval_splits:
-            loss, rouge, table = evaluate(model, tokenizer, dataset[split], args, accelerator, gen_config)
+            loss, rouge, table = evaluate(model, tokenizer, dataset[eval_keys[split]], args, accelerator, gen_config)
             metrics = {f"{split}/sft/loss": loss, **{f"{split}/sft/rouge/{k}": v for k, v in rouge.items()}}
             logger.log(metrics, samples)
             accelerator.print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -1002,12 +1290,7 @@ def train_sft(args: Args, stop: StopOnSignal):
     unwrapped.generation_config = sampling_config(args.response_length, args.eval_temperature)
     unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
     unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-    unwrapped.save_pretrained(
-        args.output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
+    save_model_atomic(unwrapped, tokenizer, args.output_dir, accelerator, state_dict=accelerator.get_state_dict(model))
     accelerator.print(f"saved {args.output_dir} ({train_time:.0f}s training, peak memory {peak_memory_gib():.2f} GiB)")
     accelerator.end_training()
     return unwrapped

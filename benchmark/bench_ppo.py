@@ -203,6 +203,7 @@ def prepare_models(args, out: str) -> dict:
         tok.save_pretrained(sft_dir)
         rm = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)  # random score head
         rm.config.pad_token_id = tok.pad_token_id
+        rm.config.reward_bias = 0.0  # what ppo_tldr.py requires of a reward-model folder (reward_tldr.py writes it)
         rm.save_pretrained(rm_dir)
         tok.save_pretrained(rm_dir)
     with torch.device("meta"):

@@ -83,7 +83,7 @@ SIZES = {
 # global batches and micro-batches of SFT and RM; the reference keeps their defaults for every size [N+ 1.B.8, 1.C.8]
 SFT_BATCH, RM_BATCH, PPO_BATCH = 128, 64, 512
 SFT_MICRO, RM_MICRO = 1, 1
-PPO_EPISODES = 1_000_000  # [N+ 1.D.4]
+PPO_EPISODES = 999_936  # [N+ 1.D.4] the paper's 1M episodes in whole batches: 1953 updates of 512
 STATE_EVERY_STEPS = 100  # SFT and RM on preemptible jobs: a resumable state every 100 optimizer steps (911 / 1450 in all)
 
 

@@ -166,7 +166,7 @@ def stage_of(args: dict) -> str:
 
 def find_run_folders(patterns: list[str]) -> list[str]:
     """Folders with run_info.json matched by the patterns (globs allowed); a folder without one is searched below
-    (checkpoint folders skipped)."""
+    (checkpoint folders and the older runs a fresh start moved to previous_runs/ skipped)."""
     folders = []
     for pattern in patterns:
         for match in sorted(glob.glob(pattern)) or [pattern]:
@@ -174,7 +174,7 @@ def find_run_folders(patterns: list[str]) -> list[str]:
                 folders.append(match)
             elif os.path.isdir(match):
                 for dirpath, dirnames, filenames in os.walk(match):
-                    dirnames[:] = sorted(d for d in dirnames if d != "checkpoints")
+                    dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", "previous_runs"))
                     if "run_info.json" in filenames:
                         folders.append(dirpath)
     return list(dict.fromkeys(os.path.normpath(f) for f in folders))

@@ -47,20 +47,31 @@ LENGTH_BUDGET_WORDS = 40  # words (whitespace-separated) a summary may use befor
 LENGTH_PENALTY = 0.02  # per word beyond the budget
 HALLUCINATION_PENALTY = 0.3  # per distinct invented concept
 REPETITION_PENALTY = 1.0  # times the fraction of repeated word trigrams
+CONCISENESS_PENALTY = 0.001  # per character of the stripped summary: breaks ties between equally complete summaries
 EMPTY_SCORE = -1.0  # score of a summary without any word
 
 # Noise model of the preference labels (see `label_probability`).
 TARGET_AGREEMENT = 0.73  # agreement of labels with the noiseless gold preference (TL;DR inter-annotator agreement)
 REF_PAIR_RATE = 0.65  # share of comparison pairs that put the reference against a variant (else variant vs variant)
 
+# Reference summaries: written by people, so not all of them are complete or concise. Each reference has one
+# flaw drawn from this distribution (see `reference_flaw`); the "complete" summary of every post has none.
+REFERENCE_FLAWS = {
+    "none": 0.40,  # every key fact, concisely: the complete summary itself
+    "missing_fact": 0.25,  # the person, the complication or the question left out
+    "vague_event": 0.15,  # the event replaced by a vague clause ("my bf did something that really hurt me")
+    "rambling": 0.20,  # the complete summary plus 1-2 irrelevant asides
+}
+
 # Corpus shape.
-BACKSTORY_RATE = 0.16  # share of posts with a backstory or edits of 8-36 extra sentences (a third exceed 512 tokens)
+BACKSTORY_RATE = 0.08  # share of posts with a backstory or edits of 8-36 extra sentences (a third exceed 512 tokens)
+FILLER_COUNTS = (0, 0, 0, 1, 1, 1, 2, 2, 3, 4)  # irrelevant asides in a post, drawn uniformly from this tuple
 N_WORKERS = 64  # simulated labellers
 QUERY_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 DEFAULT_SIZES = {"n_sft_train": 2000, "n_sft_validation": 200, "n_sft_test": 200,
                  "n_cmp_train": 2000, "n_cmp_validation": 400}
 VARIANTS = ("drop_fact", "invent_fact", "filler", "truncated", "repetitive")
-POLICIES = ("ref",) + VARIANTS
+POLICIES = ("ref", "complete") + VARIANTS  # "ref": the human-like reference; "complete": no flaw
 FACT_KINDS = ("person", "event", "complication", "ask")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -761,7 +772,7 @@ def render_post(story: Story) -> tuple[str, str]:
     paragraphs = [intro, event, complication, ask]
 
     # Short-to-medium filler: a few asides, in their own paragraph or appended to one of the story paragraphs.
-    for _ in range(rng.choice((0, 0, 1, 1, 2, 2, 3, 4, 5, 6))):
+    for _ in range(rng.choice(FILLER_COUNTS)):
         if rng.random() < 0.4:
             paragraphs.insert(rng.randint(1, len(paragraphs) - 1), [fillers.pop()])
         else:
@@ -819,16 +830,31 @@ def _compose(main: str, complication: str | None, ask: str | None, joint: str) -
     return text
 
 
-def candidate_summaries(story: Story) -> dict[str, tuple[str, str]]:
-    """The reference summary and each systematic variant of it: {policy: (text, note)}, deterministic per story.
+def reference_flaw(story: Story) -> str:
+    """The flaw of the story's human-like reference summary, drawn from REFERENCE_FLAWS (deterministic per story)."""
+    draw = random.Random(f"tldr_synth reference flaw {story.story_id} {story.subreddit}").random()
+    for flaw, share in REFERENCE_FLAWS.items():
+        draw -= share
+        if draw < 0:
+            return flaw
+    return flaw
 
-    All candidates share the reference's wording; each variant changes one thing:
+
+def candidate_summaries(story: Story) -> dict[str, tuple[str, str]]:
+    """The complete summary, each systematic variant of it and the human-like reference: {policy: (text, note)},
+    deterministic per story.
+
+    "complete" states every key fact, concisely, written from the latent facts. The variants share its wording and
+    each changes one thing:
       drop_fact    one key fact (person, event, complication or question) left out
       invent_fact  a clause about a person, event or complication of the vocabulary that the post never mentions
       filler       the reference padded with irrelevant asides until it is 8-20 words over the length budget
       truncated    cut off mid-sentence inside the complication or the question
       repetitive   the main clause repeated 3-5 times, as a sampling loop would
-    The reference has no leading space (SFT convention); comparison rows add one.
+    "ref" is the reference summary of the SFT data and the comparisons, written the way people write TL;DRs: it has
+    the flaw `reference_flaw(story)` (REFERENCE_FLAWS): none (then it is the complete summary), a missing person,
+    complication or question, a vague event, or 1-2 irrelevant asides. Texts have no leading space (SFT
+    convention); comparison rows add one.
     """
     rng = random.Random(f"tldr_synth summaries {story.story_id} {story.subreddit}")
     _, _, _, mentioned = _synthetic(story.story_id, story.subreddit)
@@ -845,18 +871,20 @@ def candidate_summaries(story: Story) -> dict[str, tuple[str, str]]:
     lowercase = rng.random() < 0.2  # "my bf forgot my bday and now he says i'm overreacting. should i dump him?"
 
     reference = _compose(main, complication, ask, joint)
-    candidates = {"ref": (reference, "reference summary written from the latent facts")}
+    candidates = {"complete": (reference, "every key fact, written from the latent facts")}
+
+    def without(kind: str, vague: str) -> str:
+        """The complete summary without one key fact; `vague` is the main clause used when the event goes."""
+        if kind == "person":
+            return _compose(_fill(event_template, dict(slots, p="someone")), complication, ask, joint)
+        if kind == "event":
+            return _compose(_fill(vague, slots), complication, ask, joint)
+        if kind == "complication":
+            return _compose(main, None, ask, joint)
+        return _compose(main, complication, None, joint)
 
     dropped = rng.choice(FACT_KINDS)
-    if dropped == "person":
-        text = _compose(_fill(event_template, dict(slots, p="someone")), complication, ask, joint)
-    elif dropped == "event":
-        text = _compose(_fill(rng.choice(family.vague), slots), complication, ask, joint)
-    elif dropped == "complication":
-        text = _compose(main, None, ask, joint)
-    else:
-        text = _compose(main, complication, None, joint)
-    candidates["drop_fact"] = (text, f"dropped the {dropped}")
+    candidates["drop_fact"] = (without(dropped, rng.choice(family.vague)), f"dropped the {dropped}")
 
     inventable = sorted(key for key in CONCEPTS if key not in mentioned and KIND_OF[key] != "ask")
     invented = rng.choice(inventable)
@@ -888,6 +916,20 @@ def candidate_summaries(story: Story) -> dict[str, tuple[str, str]]:
 
     loop = " ".join([main] + [_lower_first(main)] * rng.randint(2, 4))
     candidates["repetitive"] = (_compose(loop, complication, ask, joint), "main clause repeated")
+
+    # The human-like reference, from its own random stream so that the candidates above do not depend on it.
+    flaw, ref_rng = reference_flaw(story), random.Random(f"tldr_synth reference {story.story_id} {story.subreddit}")
+    if flaw == "missing_fact":
+        missing = ref_rng.choice(("person", "complication", "ask"))
+        text, note = without(missing, ""), f"reference summary without the {missing}"
+    elif flaw == "vague_event":
+        text, note = without("event", ref_rng.choice(family.vague)), "reference summary, vague about the event"
+    elif flaw == "rambling":
+        asides = ref_rng.sample(FILLERS, ref_rng.randint(1, 2))
+        text, note = " ".join([reference] + asides), f"reference summary with {len(asides)} irrelevant asides"
+    else:
+        text, note = reference, "reference summary, complete"
+    candidates["ref"] = (text, note)
     return {policy: (text.lower() if lowercase else text, note) for policy, (text, note) in candidates.items()}
 
 
@@ -913,12 +955,14 @@ def repeated_trigram_fraction(text: str) -> float:
 
 
 def gold_breakdown(example: dict, summary: str) -> dict:
-    """The terms of `gold_score` for one summary: coverage, invented concepts, length and repetition penalties."""
+    """The terms of `gold_score` for one summary: coverage, invented concepts, length, repetition and conciseness
+    penalties."""
     story, mentioned = _example_story(example)
     n_words = len(summary.split())
     if n_words == 0:
         return {"score": EMPTY_SCORE, "coverage": 0.0, "covered": [], "missing": list(story.facts), "invented": [],
-                "words": 0, "hallucination_penalty": 0.0, "length_penalty": 0.0, "repetition_penalty": 0.0}
+                "words": 0, "hallucination_penalty": 0.0, "length_penalty": 0.0, "repetition_penalty": 0.0,
+                "conciseness_penalty": 0.0}
     found = concepts_in(summary)
     covered = [key for key in story.facts if key in found]
     invented = sorted(found - mentioned)
@@ -926,9 +970,11 @@ def gold_breakdown(example: dict, summary: str) -> dict:
     hallucination = HALLUCINATION_PENALTY * len(invented)
     length = LENGTH_PENALTY * max(0, n_words - LENGTH_BUDGET_WORDS)
     repetition = REPETITION_PENALTY * repeated_trigram_fraction(summary)
-    return {"score": coverage - hallucination - length - repetition, "coverage": coverage, "covered": covered,
-            "missing": [key for key in story.facts if key not in found], "invented": invented, "words": n_words,
-            "hallucination_penalty": hallucination, "length_penalty": length, "repetition_penalty": repetition}
+    conciseness = CONCISENESS_PENALTY * len(summary.strip())
+    return {"score": coverage - hallucination - length - repetition - conciseness, "coverage": coverage,
+            "covered": covered, "missing": [key for key in story.facts if key not in found], "invented": invented,
+            "words": n_words, "hallucination_penalty": hallucination, "length_penalty": length,
+            "repetition_penalty": repetition, "conciseness_penalty": conciseness}
 
 
 def gold_score(example: dict, summary: str) -> float:
@@ -945,10 +991,12 @@ def gold_score(example: dict, summary: str) -> float:
                                                   mentioned in the summary but nowhere in the title or post
       - 0.02 * max(0, words - 40)                 length beyond a budget of 40 whitespace-separated words
       - 1.0  * repeated trigram fraction          1 - distinct/total word trigrams (degenerate repetition)
+      - 0.001 * characters                        conciseness: of two summaries with the same facts, the shorter
+                                                  wins, so gold ties are rare (a key fact is worth 250 characters)
 
-    and an empty summary (no words) scores -1. The best score is 1: every key fact, nothing invented, at most
-    40 words, no repeated trigram. Filler details of the post are neither rewarded nor penalised, except for the
-    words they cost.
+    and an empty summary (no words) scores -1. A complete summary (every key fact, nothing invented, at most 40
+    words, no repeated trigram) scores 1 minus its conciseness term, about 0.87 for a typical 130 characters.
+    Filler details of the post are neither rewarded nor penalised, except for the words and characters they cost.
     """
     return gold_breakdown(example, summary)["score"]
 
@@ -1041,20 +1089,24 @@ def make_sft_rows(seed: int, split: str, n: int, subreddits: tuple[str, ...] | N
         story_id, subreddit = f"synth{seed}-sft_{split}-{i:06d}", pick()
         story, title, post, _ = _synthetic(story_id, subreddit)
         rows.append({"id": story_id, "subreddit": subreddit, "title": title, "post": post,
-                     "summary": candidate_summaries(story)["ref"][0]})
+                     "summary": candidate_summaries(story)["ref"][0]})  # the human-like reference
     return rows
 
 
 def _comparison_pair(story: Story, rng: random.Random) -> tuple[tuple[str, str, str], tuple[str, str, str], float]:
-    """Two candidates of a story with different gold scores, in random order: ((policy, text, note) x 2, margin)."""
+    """Two candidates of a story with different gold scores, in random order: ((policy, text, note) x 2, margin).
+
+    REF_PAIR_RATE of the pairs put the human-like reference against the complete summary or a variant; the others
+    pair two of the complete summary and the variants."""
     candidates = candidate_summaries(story)
     example = {"id": story.story_id, "subreddit": story.subreddit}
     score = {policy: gold_score(example, text) for policy, (text, _) in candidates.items()}
+    others = ("complete",) + VARIANTS
     if rng.random() < REF_PAIR_RATE:
-        pair = ["ref", rng.choice(VARIANTS)]
+        pair = ["ref", rng.choice([p for p in others if score[p] != score["ref"]])]
     else:
-        options = [(a, b) for i, a in enumerate(VARIANTS) for b in VARIANTS[i + 1 :] if score[a] != score[b]]
-        pair = list(rng.choice(options)) if options else ["ref", rng.choice(VARIANTS)]
+        options = [(a, b) for i, a in enumerate(others) for b in others[i + 1 :] if score[a] != score[b]]
+        pair = list(rng.choice(options))
     rng.shuffle(pair)
     a, b = ((policy,) + candidates[policy] for policy in pair)
     return a, b, score[pair[0]] - score[pair[1]]
@@ -1219,15 +1271,34 @@ def build_model_comparisons(sft_rows: list[dict], samples: list[dict], temperatu
 
 
 def reference_win_rates(examples: list[dict]) -> dict[str, float]:
-    """For each variant, the share of examples whose reference has a strictly higher gold score than the variant."""
+    """For each variant, the share of examples whose complete summary has a strictly higher gold score than the
+    variant (each variant is designed to lose to it)."""
     wins = {variant: 0 for variant in VARIANTS}
     for example in examples:
         story, _ = _example_story(example)
         candidates = candidate_summaries(story)
-        reference = gold_score(example, candidates["ref"][0])
+        reference = gold_score(example, candidates["complete"][0])
         for variant in VARIANTS:
             wins[variant] += reference > gold_score(example, candidates[variant][0])
     return {variant: count / len(examples) for variant, count in wins.items()}
+
+
+def reference_quality(examples: list[dict]) -> dict:
+    """How the human-like references of `examples` compare with the complete summaries: the share of each flaw,
+    the mean gold score of both, the share of references the complete summary beats, and the gold tie rate."""
+    flaws = {flaw: 0 for flaw in REFERENCE_FLAWS}
+    ref_scores, complete_scores = [], []
+    for example in examples:
+        story, _ = _example_story(example)
+        candidates = candidate_summaries(story)
+        flaws[reference_flaw(story)] += 1
+        ref_scores.append(gold_score(example, candidates["ref"][0]))
+        complete_scores.append(gold_score(example, candidates["complete"][0]))
+    n = len(examples)
+    return {"flaw_shares": {flaw: count / n for flaw, count in flaws.items()},
+            "mean_gold_reference": float(np.mean(ref_scores)), "mean_gold_complete": float(np.mean(complete_scores)),
+            "complete_beats_reference": sum(c > r for c, r in zip(complete_scores, ref_scores)) / n,
+            "complete_ties_reference": sum(c == r for c, r in zip(complete_scores, ref_scores)) / n}
 
 
 def _distribution(values: list[int], limit: int) -> dict:
@@ -1274,6 +1345,7 @@ def corpus_stats(out_dir: str, tokenizer_path: str, plot_path: str | None = None
         "sizes": meta["sizes"],
         "label_temperature": meta["label_temperature"],
         "reference_win_rate_validation": reference_win_rates(comparisons["validation"]),
+        "reference_quality_sft": reference_quality(sft_rows),
         "label_agreement": {split: label_agreement(rows, meta["label_temperature"])
                             for split, rows in comparisons.items()},
         "subreddit_shares": {name: sum(row["subreddit"] == name for row in sft_rows) / len(sft_rows)

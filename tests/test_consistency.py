@@ -31,6 +31,26 @@ def test_shared_helpers_are_identical_copies():
     assert shared >= 10  # the data pipeline, padding, truncation, logging: the check has something to check
 
 
+STAGE_SPECIFIC_CONSTANTS = {"RESUMABLE_CHANGES"}  # the flags each stage lets a resumed run change
+
+
+def top_level_constants(path: str) -> dict[str, str]:
+    source = open(path).read()
+    return {node.targets[0].id: ast.get_source_segment(source, node) for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id.isupper() and node.targets[0].id not in STAGE_SPECIFIC_CONSTANTS}
+
+
+def test_shared_constants_are_identical_copies():
+    """The constants the shared helpers read (file lists, limits, formats) are copied too, and must not drift."""
+    sources = {f: top_level_constants(os.path.join(ROOT, f)) for f in STAGES}
+    shared = [n for n in set().union(*sources.values()) if sum(n in s for s in sources.values()) > 1]
+    for name in shared:
+        versions = {f: s[name] for f, s in sources.items() if name in s}
+        assert len(set(versions.values())) == 1, f"{name} differs between {sorted(versions)}"
+    assert {"QUERY_FORMAT", "STATE_MANIFEST", "MANIFEST_HASH_LIMIT", "TOKENIZER_FILES", "RUN_OUTPUTS"} <= set(shared)
+
+
 def test_query_format_is_the_same_in_every_stage():
     import ppo_tldr
     import reward_tldr

@@ -65,7 +65,7 @@ def check_run(commands: list[list[str]], size_key: str, seed: int, workers: int,
     # PPO [N+ 1.D.4]: both earlier folders, batch 512, per-size micro and rollout batch, offload for 6.9B
     assert (ppo.sft_model_path, ppo.reward_model_path) == (sft.output_dir, rm.output_dir)
     assert ppo.output_dir == f"models/pythia-{size_key}/policy_{seed}"
-    assert (ppo.batch_size, ppo.total_episodes) == (512, 1_000_000)
+    assert (ppo.batch_size, ppo.total_episodes) == (512, 999_936)  # 1953 updates, as the reference
     assert ppo.local_micro_batch_size == size.ppo_micro_batch == {"1b": 16, "2.8b": 4, "6.9b": 1}[size_key]
     assert ppo.local_rollout_forward_batch_size == size.rollout_batch == {"1b": 64, "2.8b": 32, "6.9b": 4}[size_key]
     assert ppo.offload == (size_key == "6.9b")

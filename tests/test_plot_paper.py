@@ -208,3 +208,12 @@ def test_relative_checkpoint_paths_resolve_against_the_runs_working_directory(tm
     monkeypatch.chdir(tmp_path)
     run = plot_paper.load_run(str(work / "runs" / "ppo"))
     assert run.model == "EleutherAI/pythia-1b-deduped" and run.size == pytest.approx(1e9, rel=0.2)
+
+
+def test_older_runs_moved_aside_by_a_fresh_start_are_not_found(tmp_path):
+    """A stage moves an older run in its --output_dir to previous_runs/<n>/; only the current run is plotted."""
+    for folder in ("runs/sft", "runs/sft/previous_runs/1", "runs/sft/checkpoints/update_000002", "runs/rm"):
+        os.makedirs(tmp_path / folder)
+        (tmp_path / folder / "run_info.json").write_text("{}")
+    found = plot_paper.find_run_folders([str(tmp_path / "runs")])
+    assert found == [str(tmp_path / "runs" / "rm"), str(tmp_path / "runs" / "sft")]

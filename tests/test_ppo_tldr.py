@@ -505,6 +505,32 @@ def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path):
         assert f["perf/training_attention_pairs"] > f["perf/training_tokens"] * SMALL["response_length"]
 
 
+def test_kept_response_length_covers_eos_plus_one_of_the_longest_response():
+    assert P.kept_response_length(torch.tensor([2, 5, 0]), 12) == 7  # EOS at index 5: the value model reads 6
+    assert P.kept_response_length(torch.tensor([10]), 12) == 12
+    assert P.kept_response_length(torch.tensor([11, 3]), 12) == 12  # a response without EOS: every column
+
+
+def test_skipping_the_columns_after_eos_keeps_the_losses(tiny_model, sft_data, tmp_path):
+    """--skip_after_eos computes the scoring and training forwards only up to EOS+1 of each chunk's and micro-batch's
+    longest response. With a policy that often stops early, the same rollouts give the same scores, KL, losses and
+    log-prob checks over three updates (weights updated in between) as the full-length forwards, while the training
+    forwards cover fewer token positions."""
+    chain = make_chain(tiny_model, str(tmp_path / "chain"), reward_bias=0.1, eos_bonus=0.6)
+    common = dict(response_length=16, total_episodes=24, validation_probe_size=0, run_eval=False,
+                  local_micro_batch_size=2, stop_generation_at_eos=True)
+    full = training_records(run_ppo(chain, sft_data, str(tmp_path / "full"), **common))
+    skip = training_records(run_ppo(chain, sft_data, str(tmp_path / "skip"), skip_after_eos=True, **common))
+    assert len(full) == len(skip) == 3
+    assert max(r["objective/eos_fraction"] for r in full) > 0.5  # responses do end early
+    for f, s in zip(full, skip):
+        for key in ("objective/kl", "objective/scores", "objective/response_length", "ppo/loss/policy_avg",
+                    "ppo/loss/value_avg", "ppo/policy/approxkl_avg", "ppo/policy/clipfrac_avg",
+                    "ppo/val/clipfrac_avg", "ppo/policy/entropy_avg", "check/max_abs_logprob_diff_first_minibatch"):
+            assert math.isclose(f[key], s[key], rel_tol=1e-4, abs_tol=1e-5), (key, f[key], s[key])
+    assert sum(r["perf/training_tokens"] for r in skip) < 0.95 * sum(r["perf/training_tokens"] for r in full)
+
+
 def test_attention_kernel_is_sdpa_except_eager_for_mixed_precision_on_cpu():
     assert P.attention_kernel(None, "cpu", "no") == "sdpa"
     assert P.attention_kernel(None, "cpu", "bf16") == "eager" == P.attention_kernel(None, "cpu", "fp16")

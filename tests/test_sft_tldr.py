@@ -183,6 +183,26 @@ def test_eos_can_be_sampled_and_truncation_keeps_the_first(tiny_model):
             assert torch.equal(cut, raw)
 
 
+def test_stopping_at_eos_gives_the_same_truncated_samples(tiny_model):
+    """--stop_generation_at_eos ends a batch once every row has an EOS: the texts after truncation are the ones the
+    reference's full-length sampling gives from the same random state, in fewer decoding steps."""
+    tok = sft.load_tokenizer(tiny_model)
+    model = eos_loving_model(tiny_model, bias=6.0)
+    queries = torch.tensor([sft.left_pad(tok.encode("my cat"), 8, tok.pad_token_id)] * 8)
+    sft.prepare_for_sampling(model)
+    torch.manual_seed(3)
+    full = sft.generate(model, queries, tok.pad_token_id, sft.sampling_config(32, 1.0))
+    config = sft.sampling_config(32, 1.0)
+    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(3)
+    stopped = sft.generate(model, queries, tok.pad_token_id, config)
+    assert stopped.shape[1] < full.shape[1] == 32  # every row ended early
+    cut_full = sft.truncate_response(full, tok.eos_token_id, tok.pad_token_id)
+    cut_stopped = sft.truncate_response(stopped, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(cut_full[:, : stopped.shape[1]], cut_stopped)
+    assert (cut_full[:, stopped.shape[1] :] == tok.pad_token_id).all()
+
+
 def test_the_transformers_min_length_pitfall_is_real(tiny_model):
     """The reason for prepare_for_sampling: with the model's EOS id and min_new_tokens == max_new_tokens,
     EOS is never sampled. If this starts failing, transformers changed and the workaround can be revisited."""
