@@ -42,7 +42,8 @@ Deviations from the reference code (each deliberate; none changes the algorithm)
   * `masked_mean` of an empty mask is 0 instead of NaN (a micro-batch whose responses are all padding must not
     poison the update); `masked_var` raises on an empty mask and on an unbiased variance of one value.
   * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
-    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set.
+    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set (the same in
+    every stage, `configure_deepspeed`).
   * Tables are CSV files with decoded text (special tokens removed) instead of `datasets.save_to_disk` folders.
   * The reference and training forwards compute the LM head only on the R+1 last positions (`logits_to_keep`), the
     only ones whose log-probs are read (--response_logits_only): same log-probs, 9% less time per update for
@@ -164,6 +165,8 @@ class Args:
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """TL;DR posts: a hub dataset or a local folder with one .jsonl/.json/.parquet file per split, columns id,
     subreddit, title, post, summary; PPO reads only the queries of `train` [N+ 1.A.2, 1.D.5]"""
+    dataset_revision: Optional[str] = None
+    """hub revision of --dataset (branch, tag or commit hash, to pin the data); None = the main branch"""
     query_length: int = 512
     """query tokens after smart truncation and left padding [N+ 1.A.4]"""
     response_length: int = 53
@@ -398,51 +401,67 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, name: Optional[str] = None, flag: str = "--dataset"):
-    """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
-    (the file's stem is the split name). Local splits load one at a time: a joint load would impose the first
-    file's column types on every split (a column that is null in train but text in validation fails). A path that
-    is a file or neither a folder nor a hub dataset, an empty file and a JSON Lines line that does not parse (a
-    truncated file) are errors naming `flag`, the file and the line."""
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
+    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
+    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
+    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
+    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
+    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
+
+    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
+    Local split files load one at a time: a joint load would impose the first file's column types on every split
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
     import datasets
 
+    exts = (".jsonl", ".json", ".parquet")
     if not os.path.isdir(dataset):
         problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
                    else hub_problem(dataset, "dataset"))
         if problem:
             raise ValueError(f"{flag} {dataset}: {problem}")
-        return datasets.load_dataset(dataset, name)
+    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
+    if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+        try:
+            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
+                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
+                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
     splits = {}
-    for fname in sorted(os.listdir(dataset)):
+    for fname in files:
         stem, ext = os.path.splitext(fname)
-        if ext in (".jsonl", ".json", ".parquet"):
-            if stem in splits:
-                raise ValueError(f"{dataset}: two files for split {stem!r}")
-            builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
-            if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
-                rows = 0
-                with open(path, "rb") as f:
-                    for line_number, line in enumerate(f, 1):
+        if stem in splits:
+            raise ValueError(f"{dataset}: two files for split {stem!r}")
+        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                         f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
                         try:
-                            text = line.decode("utf-8")
-                        except UnicodeDecodeError as e:
-                            raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
-                                             f"{e.start} of the line)") from None
-                        rows += bool(text.strip())
-                        if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
-                            try:
-                                json.loads(text)
-                            except ValueError as e:
-                                raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
-                                                 f"file?)") from None
-                if not rows:
-                    raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
-            try:
-                splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
-            except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
-                raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
-    if not splits:
-        raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
+        try:
+            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
     return datasets.DatasetDict(splits)
 
 
@@ -711,20 +730,26 @@ class NormalizedScalarModel(nn.Module):
     through the `score` head at every position, and `config.reward_bias` is subtracted, as the reference's
     ScalarModel does (reward_tldr.py's ScalarModel returns the raw scores it trains). Both the frozen reward model
     and the value model use it [N+ 1.D.1]; a module (not a function) so that DDP's and DeepSpeed's forward hooks
-    run."""
+    run.
 
-    def __init__(self, model):
+    `value_head_bias` (the value model): a bias on the head, 0 at the start, which the value loss trains, as the
+    bias of the reference's `scalar_head` [N+ 1.C.2, 1.D.1]. The RM's head has none: its pairwise loss gives a bias no
+    gradient, so the reference's stayed 0 (reward_tldr.py), but the value loss does move it."""
+
+    def __init__(self, model, value_head_bias: bool = False):
         super().__init__()
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"reward model has num_labels={model.config.num_labels}; expected 1")
         self.model = model
         self.reward_bias = float(getattr(model.config, "reward_bias", 0.0))
+        self.value_bias = nn.Parameter(torch.zeros(1)) if value_head_bias else None  # (1,)
 
     def forward(self, input_ids, attention_mask, position_ids):
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state  # (B, T, H)
-        return self.model.score(hidden).squeeze(-1) - self.reward_bias  # (B, T)
+        scores = self.model.score(hidden).squeeze(-1) - self.reward_bias  # (B, T)
+        return scores if self.value_bias is None else scores + self.value_bias
 
 
 class PolicyAndValueWrapper(nn.Module):
@@ -952,6 +977,47 @@ def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
             "python": platform.python_version(), "versions": versions}
     with open(os.path.join(output_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def make_accelerator():
+    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
+
+    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
+    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
+    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
+    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
+    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
+    `deepspeed.initialize`; returns that config (None without DeepSpeed).
+
+    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
+    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
+    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
+    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
+    return ds_config
+
+
+def write_deepspeed_config(accelerator, output_dir: str) -> None:
+    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and accelerator.is_main_process:
+        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
 
 
 def seed_everything(seed: int) -> None:
@@ -1438,13 +1504,11 @@ def main(args: Args):
 def train_ppo(args: Args, stop: StopOnSignal):
     """The stage itself; `stop.received` is read once per update."""
     import pandas as pd
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
     check_flags(args, positive=("batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
                                 "query_length", "response_length", "noptepochs", "nminibatches",
@@ -1480,7 +1544,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
     tokenizer = load_chain_tokenizer(args.sft_model_path, args.reward_model_path)
     pad, eos, R = tokenizer.pad_token_id, tokenizer.eos_token_id, args.response_length
     logits_kept = R + 1 if args.response_logits_only else 0  # HF `logits_to_keep`: the last R+1 positions, or all
-    dataset = load_splits(args.dataset)
+    dataset = load_splits(args.dataset, revision=args.dataset_revision)
     if "train" not in dataset or "validation" not in dataset:
         raise ValueError(f"{args.dataset} needs 'train' and 'validation' splits (found {list(dataset)})")
     missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
@@ -1526,8 +1590,9 @@ def train_ppo(args: Args, stop: StopOnSignal):
     policy, _ = load_checked(AutoModelForCausalLM, args.sft_model_path, "--sft_model_path", **load)
     ref_policy, _ = load_checked(AutoModelForCausalLM, args.sft_model_path, "--sft_model_path", **load)
     rm_path = args.reward_model_path
+    # the value model = the RM, plus a trained head bias starting at 0
     critic = NormalizedScalarModel(load_checked(AutoModelForSequenceClassification, rm_path, "--reward_model_path",
-                                                **load)[0])  # = the RM
+                                                **load)[0], value_head_bias=True)
     reward_model = NormalizedScalarModel(load_checked(AutoModelForSequenceClassification, rm_path,
                                                       "--reward_model_path", **load)[0])
     check_output_dir(args.output_dir)
@@ -1554,13 +1619,12 @@ def train_ppo(args: Args, stop: StopOnSignal):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay, **{args.adam_impl: True})
 
-    if deepspeed_plugin is not None:  # [N+ 1.D.22] policy + value in the DeepSpeed engine (ZeRO-2 in the paper)
-        ds_config = deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = args.local_micro_batch_size
-        ds_config["gradient_clipping"] = args.max_grad_norm or 0.0  # accelerate would turn "auto" into 1.0 [N+ 1.D.21]
-        if args.offload:
-            ds_config["checkpoint"] = {"use_node_local_storage": True}
+    # [N+ 1.D.22] policy + value in the DeepSpeed engine (ZeRO-2 in the paper); no clipping unless --max_grad_norm
+    ds_config = configure_deepspeed(accelerator, args.local_micro_batch_size, args.max_grad_norm)
+    if args.offload:
+        ds_config["checkpoint"] = {"use_node_local_storage": True}
     model, optimizer = accelerator.prepare(model, optimizer)
+    write_deepspeed_config(accelerator, args.output_dir)
     if deepspeed_plugin is not None:
         import deepspeed  # only on this path; not needed for DDP or CPU runs
 

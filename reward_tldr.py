@@ -37,11 +37,18 @@ Deviations from the reference code (each deliberate):
     loss only sees r_chosen - r_rejected, so a bias gets exactly zero gradient and stays 0: the same model.
   * Sequences are the token concatenation `query_token + response_token` (as sft_tldr.py, [N+ 1.A.8]) instead of
     re-encoding `query.strip() + response`, and each batch is right-padded to its own longest sequence, not to 638.
+    The two are not always the same ids: the reference decoded the query tokens first (transformers 4.33's
+    `clean_up_tokenization_spaces=True` rewrites " ." " ," " 's" ... in some posts; README "Re-encoding"), and a
+    BPE merge across the query/summary boundary is possible in principle. The CNN/DM queries drop their trailing
+    newline as the reference's `strip()` did ("...TL;DR:" + " summary"; `truncated_article_tokens`).
   * Positions come from the attention mask [N+ 1.D.23]. The reference passes none; under right padding both agree,
     and under left padding (how PPO scores) ours gives the same reward as the unpadded sequence.
   * Data order: one shuffle from the global seed, partitioned across processes (as SFT and PPO in the reference).
     `--per_rank_shuffle` restores the reference RM's per-process shuffles, whose subsets overlap [N+ 1.C.9].
   * Evaluation is gathered over all processes; the released reference runs scored rank 0's shard only [N+ 1.C.10].
+  * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
+    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set (the same in
+    every stage, `configure_deepspeed`).
   * The bias is stored as `config.reward_bias` of a standard HF config (the reference: `config.bias` of a custom
     `ScalarModel`). `eval/rm/normalized_*` are statistics after subtracting it (normalized_mean ~ 0); the reference
     logs the raw statistics under those names, so its `normalized_mean` is our `eval/rm/reward_bias`. The reward diff
@@ -141,8 +148,15 @@ class Args:
     """the SFT checkpoint folder written by sft_tldr.py (backbone and tokenizer) [N+ 1.C.1]; a reward checkpoint of
     this script also works and keeps its trained head (e.g. with --total_episodes 0 to re-evaluate it)"""
     dataset: str = "openai/summarize_from_feedback"
-    """preference data (config "comparisons"): a hub dataset or a local folder with one .jsonl/.json/.parquet file
-    per split, columns info, summaries, choice, batch, split, extra [N+ 1.A.2]"""
+    """preference data: a hub dataset of parquet files or a local folder with one .jsonl/.json/.parquet file per
+    split, columns info, summaries, choice, batch, split, extra [N+ 1.A.2]"""
+    dataset_revision: Optional[str] = "refs/convert/parquet"
+    """hub revision of --dataset (branch, tag or commit hash). The main branch of openai/summarize_from_feedback
+    holds a loading script, which `datasets` >= 4 refuses; the default is the hub's parquet conversion of it, the
+    same rows and columns (README "Datasets"). None = the main branch"""
+    dataset_subset: Optional[str] = "comparisons"
+    """folder of one configuration inside a --dataset repository (`data_dir`): the reference's config "comparisons"
+    [N+ 1.A.2]; None = the whole repository. Local folders with one file per split ignore it"""
     sft_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """data whose train split's reference summaries set the reward bias: hub dataset or local folder as in
     sft_tldr.py [N+ 1.C.11]"""
@@ -168,6 +182,9 @@ class Args:
     """AdamW epsilon (torch's default is 1e-8) [N+ 1.C.7]"""
     weight_decay: float = 0.01
     """AdamW weight decay; the reference uses torch's default 0.01 [N+ 1.C.7]"""
+    max_grad_norm: Optional[float] = None
+    """clip the global gradient norm; None = no clipping, as the reference (also under DeepSpeed, whose
+    `gradient_clipping: auto` accelerate would set to 1.0) [N+ 1.D.21]"""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     """LR schedule over the optimizer steps, no warm-up [N+ 1.C.7]"""
     batch_size: int = 64
@@ -240,8 +257,10 @@ def load_tokenizer(path: str):
 
 
 def fit_embeddings(model, tokenizer) -> None:
-    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config.
+
+    Rows are counted by `num_embeddings`: under DeepSpeed ZeRO-3 the weight is a partitioned, empty tensor."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -292,51 +311,67 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, name: Optional[str] = None, flag: str = "--dataset"):
-    """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
-    (the file's stem is the split name). Local splits load one at a time: a joint load would impose the first
-    file's column types on every split (a column that is null in train but text in validation fails). A path that
-    is a file or neither a folder nor a hub dataset, an empty file and a JSON Lines line that does not parse (a
-    truncated file) are errors naming `flag`, the file and the line."""
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
+    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
+    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
+    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
+    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
+    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
+
+    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
+    Local split files load one at a time: a joint load would impose the first file's column types on every split
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
     import datasets
 
+    exts = (".jsonl", ".json", ".parquet")
     if not os.path.isdir(dataset):
         problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
                    else hub_problem(dataset, "dataset"))
         if problem:
             raise ValueError(f"{flag} {dataset}: {problem}")
-        return datasets.load_dataset(dataset, name)
+    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
+    if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+        try:
+            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
+                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
+                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
     splits = {}
-    for fname in sorted(os.listdir(dataset)):
+    for fname in files:
         stem, ext = os.path.splitext(fname)
-        if ext in (".jsonl", ".json", ".parquet"):
-            if stem in splits:
-                raise ValueError(f"{dataset}: two files for split {stem!r}")
-            builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
-            if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
-                rows = 0
-                with open(path, "rb") as f:
-                    for line_number, line in enumerate(f, 1):
+        if stem in splits:
+            raise ValueError(f"{dataset}: two files for split {stem!r}")
+        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                         f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
                         try:
-                            text = line.decode("utf-8")
-                        except UnicodeDecodeError as e:
-                            raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
-                                             f"{e.start} of the line)") from None
-                        rows += bool(text.strip())
-                        if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
-                            try:
-                                json.loads(text)
-                            except ValueError as e:
-                                raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
-                                                 f"file?)") from None
-                if not rows:
-                    raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
-            try:
-                splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
-            except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
-                raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
-    if not splits:
-        raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
+        try:
+            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
     return datasets.DatasetDict(splits)
 
 
@@ -352,11 +387,15 @@ CSV_COLUMNS = ["id", "query", "chosen", "rejected", "batch", "split", "confidenc
 
 
 def truncated_article_tokens(tokenizer, article: str, query_length: int, row_name: str) -> list[int]:
-    """CNN/DM query ids, shortening the article the way `truncated_query_tokens` shortens a post [N+ 1.A.5, 1.A.12]."""
+    """CNN/DM query ids, shortening the article the way `truncated_query_tokens` shortens a post [N+ 1.A.5, 1.A.12].
+
+    The article is cut until the formatted query, which ends in "TL;DR:\n", fits `query_length` (the reference's
+    query tokens). The ids returned are those of that query without the newline: the reference's RM inputs
+    re-encoded `query.strip() + summary`, which drops it, and the summary (" ...") follows "TL;DR:" directly."""
     while True:
-        ids = tokenizer.encode(CNNDM_FORMAT.format(article=article), add_special_tokens=False)
-        if len(ids) <= query_length:
-            return ids
+        text = CNNDM_FORMAT.format(article=article)
+        if len(tokenizer.encode(text, add_special_tokens=False)) <= query_length:
+            return tokenizer.encode(text.strip(), add_special_tokens=False)
         if not article:
             raise ValueError(f"{row_name}: the CNN/DM query does not fit {query_length} tokens even with an empty "
                              f"article")
@@ -682,6 +721,20 @@ class ScalarModel(torch.nn.Module):
         return self.model.score(hidden).squeeze(-1)  # (B, T)
 
 
+def zero3_gathered(param: torch.nn.Parameter):
+    """A context in which `param` is whole and writable when the model was loaded under DeepSpeed ZeRO-3 (rank 0's
+    values are kept); a no-op otherwise."""
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
 def load_reward_model(path: str, tokenizer):
     """A one-label sequence-classification model from the SFT checkpoint, or a reward checkpoint of this script.
 
@@ -695,7 +748,7 @@ def load_reward_model(path: str, tokenizer):
     model, info = load_checked(AutoModelForSequenceClassification, path, "--sft_model_path",
                                new_ok=("score.",) if new_head else (), num_labels=1, dtype=torch.float32)
     # [N+ 1.C.1] backbone from the SFT model; its LM head is dropped
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3
     if len(tokenizer) > rows:
         raise ValueError(
             f"the tokenizer at {path} has {len(tokenizer)} tokens (with its pad token) but the model's embedding has "
@@ -707,7 +760,8 @@ def load_reward_model(path: str, tokenizer):
     # -logsigmoid(r_chosen - r_rejected) (its gradient is exactly 0), so the reference's bias stays 0 through
     # training and the bias-free head is numerically the same model.
     if any(k.startswith("score.") for k in info["missing_keys"]):  # a new head; a reward checkpoint keeps its own
-        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
+        with zero3_gathered(model.score.weight):  # under ZeRO-3 the weight is partitioned: gather, draw, re-shard
+            torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
         if model.score.bias is not None:
             torch.nn.init.zeros_(model.score.bias)
     disable_dropout(model)  # [N+ 1.C.3]
@@ -767,6 +821,47 @@ def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
             "python": platform.python_version(), "versions": versions}
     with open(os.path.join(output_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def make_accelerator():
+    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
+
+    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
+    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
+    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
+    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
+    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
+    `deepspeed.initialize`; returns that config (None without DeepSpeed).
+
+    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
+    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
+    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
+    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
+    return ds_config
+
+
+def write_deepspeed_config(accelerator, output_dir: str) -> None:
+    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and accelerator.is_main_process:
+        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
 
 
 def seed_everything(seed: int) -> None:
@@ -1292,13 +1387,11 @@ def train_reward(args: Args, stop: StopOnSignal):
     """The stage itself; `stop.received` is read once per optimizer step."""
     import datasets
     import pandas as pd
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
     check_flags(args, positive=("batch_size", "local_micro_batch_size", "query_length", "response_length",
                                 "cnndm_query_length", "cnndm_response_length", "normalization_response_length",
@@ -1311,9 +1404,9 @@ def train_reward(args: Args, stop: StopOnSignal):
     tokenizer = load_tokenizer(args.sft_model_path)  # the SFT checkpoint's tokenizer with its [PAD] [N+ 1.A.1]
     pad = tokenizer.pad_token_id
     with accelerator.main_process_first():  # the first process builds the datasets cache, the others reuse it
-        dataset = load_splits(args.dataset, "comparisons")  # [N+ 1.A.2]
+        dataset = load_splits(args.dataset, args.dataset_subset, args.dataset_revision)  # [N+ 1.A.2]
         check_comparison_rows(dataset)  # all rows, named as in the files, before any cut
-        dataset = split_cnndm(dataset)  # [N+ 1.A.12]
+        dataset = split_cnndm(dataset)  # [N+ 1.A.12] the CNN/DM validation rows as their own split
         # the SFT references that set the reward bias, read now so a wrong --sft_dataset fails before training
         references = load_splits(args.sft_dataset, flag="--sft_dataset") if args.normalization_samples != 0 else None
     if references is not None and "train" not in references:
@@ -1386,7 +1479,9 @@ def train_reward(args: Args, stop: StopOnSignal):
             drop_last=True, collate_fn=functools.partial(collate_pairs, pad_token_id=pad),
             generator=torch.Generator().manual_seed(args.seed),  # [N+ 1.C.9] the same permutation on every process
         )
+        configure_deepspeed(accelerator, args.local_micro_batch_size, args.max_grad_norm)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        write_deepspeed_config(accelerator, args.output_dir)
         accelerator.register_for_checkpointing(scheduler)  # saved and restored with the model and optimizer
         accuracies = []
         if resumed is not None:
@@ -1438,6 +1533,8 @@ def train_reward(args: Args, stop: StopOnSignal):
                 stop_if_diverged({"train/rm/chosen_rewards": chosen, "train/rm/rejected_rewards": rejected,
                                   "train/rm/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
                 accelerator.backward(loss)
+                if args.max_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             accuracy = (chosen > rejected).float().mean()
@@ -1540,7 +1637,9 @@ def train_reward(args: Args, stop: StopOnSignal):
     # ---- save a standard Hugging Face folder [N+ 1.C.13]; an evaluation-only run saves nothing
     if derived.num_updates:
         accelerator.wait_for_everyone()
-        state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(model).items()}  # HF names
+        state_dict = accelerator.get_state_dict(model)  # every rank takes part; under ZeRO-3 only rank 0 gets one
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}  # HF names
         save_model_atomic(unwrapped, tokenizer, args.output_dir, accelerator, state_dict=state_dict)
         accelerator.print(f"saved {args.output_dir} (reward_bias {bias:.4f}, peak memory {peak_memory_gib():.2f} GiB)")
     accelerator.end_training()

@@ -17,8 +17,11 @@ What it does, top to bottom:
 
 Deviations from the reference code (each deliberate):
   * The SFT training sequence is the token concatenation `query_token + reference_response_token` instead of
-    re-encoding the concatenated strings [N+ 1.A.8]: the model trains on exactly the tokens it later generates
-    after. For Pythia both give the same ids (the query ends with "TL;DR:", the response starts with a space).
+    re-encoding `decode(query_token).strip() + " summary<EOS>"` [N+ 1.A.8]: the model trains on exactly the tokens it
+    later generates after. The two differ where the decode changes the text: transformers 4.33 (the reference's)
+    decoded with `clean_up_tokenization_spaces=True`, which rewrites " ." " ," " 's" ... in posts that contain them
+    (none of the synthetic or fixture rows; not measured on the hub's posts; README "Re-encoding"). Without that
+    clean-up both give the same ids for the byte-level BPE tokenizers checked (SmolLM2, the tests' tokenizer).
   * Generation clears `eos_token_id` from the model's generation config and samples `max_new_tokens` tokens
     without `min_new_tokens`. With transformers 5, `min_new_tokens == max_new_tokens` plus an EOS id restored
     from the model's own generation config suppresses EOS entirely (peers-and-pitfalls, transformers#42762).
@@ -26,6 +29,9 @@ Deviations from the reference code (each deliberate):
     examples instead of per-batch means.
   * Trailing columns that are padding in the whole micro-batch are trimmed before the forward pass. Causal
     attention makes this exact; it only skips work.
+  * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
+    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set (the same in
+    every stage, `configure_deepspeed`).
 
 Launch:
   python sft_tldr.py                                          # paper defaults, one GPU (grad-accum keeps batch 128)
@@ -100,8 +106,10 @@ class Args:
     base_model: str = "EleutherAI/pythia-1b-deduped"
     """model to fine-tune: a hub name or a local folder [N+ 1.B.1]"""
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
-    """SFT data: a hub dataset or a local folder with one .jsonl/.json/.parquet file per split, columns
-    id, subreddit, title, post, summary [N+ 1.A.2]"""
+    """SFT data: a hub dataset of parquet files (the default is the reference's, README "Datasets") or a local folder
+    with one .jsonl/.json/.parquet file per split, columns id, subreddit, title, post, summary [N+ 1.A.2]"""
+    dataset_revision: Optional[str] = None
+    """hub revision of --dataset (branch, tag or commit hash, to pin the data); None = the main branch"""
     query_length: int = 512
     """query tokens after smart truncation and left padding [N+ 1.A.4]"""
     response_length: int = 53
@@ -116,6 +124,9 @@ class Args:
     """AdamW epsilon (torch's default is 1e-8) [N+ 1.B.6]"""
     weight_decay: float = 0.01
     """AdamW weight decay; the reference uses torch's default 0.01 [N+ 1.B.6]"""
+    max_grad_norm: Optional[float] = None
+    """clip the global gradient norm; None = no clipping, as the reference (also under DeepSpeed, whose
+    `gradient_clipping: auto` accelerate would set to 1.0) [N+ 1.D.21]"""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     """LR schedule over the optimizer steps, no warm-up [N+ 1.B.7]"""
     batch_size: int = 128
@@ -192,8 +203,10 @@ def load_tokenizer(path: str):
 
 
 def fit_embeddings(model, tokenizer) -> None:
-    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    """Resize the input embedding only when the tokenizer's ids do not fit; record the pad id in the config.
+
+    Rows are counted by `num_embeddings`: under DeepSpeed ZeRO-3 the weight is a partitioned, empty tensor."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -244,51 +257,67 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, name: Optional[str] = None, flag: str = "--dataset"):
-    """A DatasetDict from the hub, or from a local folder holding one .jsonl/.json/.parquet file per split
-    (the file's stem is the split name). Local splits load one at a time: a joint load would impose the first
-    file's column types on every split (a column that is null in train but text in validation fails). A path that
-    is a file or neither a folder nor a hub dataset, an empty file and a JSON Lines line that does not parse (a
-    truncated file) are errors naming `flag`, the file and the line."""
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
+    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
+    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
+    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
+    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
+    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
+
+    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
+    Local split files load one at a time: a joint load would impose the first file's column types on every split
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
     import datasets
 
+    exts = (".jsonl", ".json", ".parquet")
     if not os.path.isdir(dataset):
         problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
                    else hub_problem(dataset, "dataset"))
         if problem:
             raise ValueError(f"{flag} {dataset}: {problem}")
-        return datasets.load_dataset(dataset, name)
+    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
+    if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+        try:
+            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
+                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
+                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
     splits = {}
-    for fname in sorted(os.listdir(dataset)):
+    for fname in files:
         stem, ext = os.path.splitext(fname)
-        if ext in (".jsonl", ".json", ".parquet"):
-            if stem in splits:
-                raise ValueError(f"{dataset}: two files for split {stem!r}")
-            builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
-            if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
-                rows = 0
-                with open(path, "rb") as f:
-                    for line_number, line in enumerate(f, 1):
+        if stem in splits:
+            raise ValueError(f"{dataset}: two files for split {stem!r}")
+        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                         f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
                         try:
-                            text = line.decode("utf-8")
-                        except UnicodeDecodeError as e:
-                            raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
-                                             f"{e.start} of the line)") from None
-                        rows += bool(text.strip())
-                        if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
-                            try:
-                                json.loads(text)
-                            except ValueError as e:
-                                raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
-                                                 f"file?)") from None
-                if not rows:
-                    raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
-            try:
-                splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
-            except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
-                raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
-    if not splits:
-        raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
+        try:
+            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
     return datasets.DatasetDict(splits)
 
 
@@ -444,6 +473,47 @@ def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
             "python": platform.python_version(), "versions": versions}
     with open(os.path.join(output_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def make_accelerator():
+    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
+
+    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
+    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
+    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
+    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
+    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
+    `deepspeed.initialize`; returns that config (None without DeepSpeed).
+
+    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
+    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
+    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
+    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
+    return ds_config
+
+
+def write_deepspeed_config(accelerator, output_dir: str) -> None:
+    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and accelerator.is_main_process:
+        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
 
 
 def seed_everything(seed: int) -> None:
@@ -1013,7 +1083,6 @@ def main(args: Args):
 def train_sft(args: Args, stop: StopOnSignal):
     """The stage itself; `stop.received` is read once per optimizer step."""
     import pandas as pd
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, get_scheduler
@@ -1027,7 +1096,7 @@ def train_sft(args: Args, stop: StopOnSignal):
         check_episodes(args.total_episodes, args.batch_size)
     check_model_source(args.base_model, "--base_model", ("causal_lm",))
     tokenizer = load_tokenizer(args.base_model)
-    dataset = load_splits(args.dataset)
+    dataset = load_splits(args.dataset, revision=args.dataset_revision)
     if "train" not in dataset:
         raise ValueError(f"{args.dataset} has no 'train' split (found {list(dataset)})")
     missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
@@ -1047,8 +1116,7 @@ def train_sft(args: Args, stop: StopOnSignal):
         used = min(args.total_episodes, len(dataset["train"]))
         dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
 
-    # accelerate only forms a multi-process CPU group (gloo) when told it runs on CPU
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     with accelerator.main_process_first():
         dataset, _ = tokenize_sft(dataset, tokenizer, args)  # the rows were checked above: nothing more is skipped
     data_metrics = {}
@@ -1098,7 +1166,9 @@ def train_sft(args: Args, stop: StopOnSignal):
     )
     # the scheduler is not prepared: accelerate would step it once per process, and num_updates already
     # counts global batches; it is stepped once per optimizer step below [N+ 1.B.7]
+    configure_deepspeed(accelerator, args.local_micro_batch_size, args.max_grad_norm)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    write_deepspeed_config(accelerator, args.output_dir)
     accelerator.register_for_checkpointing(scheduler)  # saved and restored with the model and optimizer
     update = 0  # optimizer steps done
     if resumed is not None:
@@ -1166,6 +1236,8 @@ def train_sft(args: Args, stop: StopOnSignal):
             loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
             stop_if_diverged({"train/sft/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
             accelerator.backward(loss)
+            if args.max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
         window.append(loss.detach())

@@ -144,7 +144,7 @@ def check_gradients(model_dir: str, eps: float = 1e-5, response_length: int = 53
     def load(attn):
         policy = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32, attn_implementation=attn)
         critic = P.NormalizedScalarModel(AutoModelForSequenceClassification.from_pretrained(
-            rm, dtype=torch.float32, attn_implementation=attn))
+            rm, dtype=torch.float32, attn_implementation=attn), value_head_bias=True)  # as ppo_tldr.py's value model
         P.fp32_head(policy.get_output_embeddings())
         P.fp32_head(critic.model.score)
         return P.PolicyAndValueWrapper(policy, critic)

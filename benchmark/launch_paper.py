@@ -8,7 +8,9 @@ Every run is three commands; each stage's output folder is the next stage's inpu
                                                          --reward_model_path models/pythia-{size}/reward_{seed}
 
 with the paper's settings: learning rate 3e-6 everywhere; global batches SFT 128, RM 64, PPO 512 for 1M episodes;
-SFT and RM micro-batch 1 [N+ 1.B.8, 1.C.8]; the PPO micro-batch and rollout batch per size [N+ 1.D.4]:
+SFT and RM micro-batch 1 [N+ 1.B.8, 1.C.8]; the reference RM's data order, each process shuffling the comparisons
+with its own seed so that their subsets overlap (`--per_rank_shuffle` [N+ 1.C.9]: the released RMs, whose accuracy
+the paper reports, were trained on about 66% unique pairs); the PPO micro-batch and rollout batch per size [N+ 1.D.4]:
 
     size    PPO micro   rollout forward batch   accumulation on 8 GPUs (on 1 GPU)
     1B      16          64                      4  (32)
@@ -122,7 +124,11 @@ def paper_stages(size: Size, seed: int, models_dir: str = "models", track: bool 
            "--batch_size", str(SFT_BATCH), "--local_micro_batch_size", str(SFT_MICRO), *common]
     reward = ["--sft_model_path", d["sft"], "--output_dir", d["reward"],
               "--exp_name", f"reward_tldr__pythia-{size.key}",
-              "--batch_size", str(RM_BATCH), "--local_micro_batch_size", str(RM_MICRO), *common]
+              "--batch_size", str(RM_BATCH), "--local_micro_batch_size", str(RM_MICRO),
+              "--dataset", "openai/summarize_from_feedback", "--dataset_revision", "refs/convert/parquet",
+              "--dataset_subset", "comparisons",  # the release as parquet files (README "Datasets")
+              "--per_rank_shuffle",  # [N+ 1.C.9] the reference RM's overlapping per-process shuffles
+              *common]
     ppo = ["--sft_model_path", d["sft"], "--reward_model_path", d["reward"], "--output_dir", d["ppo"],
            "--exp_name", f"ppo_tldr__pythia-{size.key}", "--batch_size", str(PPO_BATCH),
            "--local_micro_batch_size", str(size.ppo_micro_batch),

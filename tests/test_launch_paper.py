@@ -59,6 +59,9 @@ def check_run(commands: list[list[str]], size_key: str, seed: int, workers: int,
     assert rm.output_dir == f"models/pythia-{size_key}/reward_{seed}"
     assert (rm.batch_size, rm.local_micro_batch_size) == (64, 1)
     assert reward_tldr.derive(rm, workers, 92_832).gradient_accumulation_steps == 64 // workers
+    assert rm.per_rank_shuffle  # [N+ 1.C.9] the reference RM's overlapping per-process data order
+    assert (rm.dataset, rm.dataset_revision, rm.dataset_subset) == (
+        "openai/summarize_from_feedback", "refs/convert/parquet", "comparisons")
     # PPO [N+ 1.D.4]: both earlier folders, batch 512, per-size micro and rollout batch, offload for 6.9B
     assert (ppo.sft_model_path, ppo.reward_model_path) == (sft.output_dir, rm.output_dir)
     assert ppo.output_dir == f"models/pythia-{size_key}/policy_{seed}"

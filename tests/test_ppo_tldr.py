@@ -884,3 +884,30 @@ def test_a_nan_stops_the_run_at_its_update_and_keeps_the_last_good_state(llama_c
     resumed = training_records(run_ppo(llama_chain, sft_data, out, total_episodes=48, save_every=0, run_eval=False,
                                        sample_every=0, resume=True))
     assert [r["episodes"] for r in resumed] == [8 * u for u in range(1, 7)]
+
+
+def test_the_value_head_has_a_bias_the_value_loss_trains_and_the_reward_model_has_none(llama_chain, sft_data,
+                                                                                         tmp_path):
+    """The reference's value head has a bias, 0 at the start (the RM's), that the value loss trains [N+ 1.D.1]; the
+    frozen reward model's head has none (the pairwise loss never moved it)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    def scalar_model(**kw):
+        return P.NormalizedScalarModel(AutoModelForSequenceClassification.from_pretrained(llama_chain[1]), **kw)
+
+    critic, reward = scalar_model(value_head_bias=True), scalar_model()
+    assert reward.value_bias is None and critic.value_bias.tolist() == [0.0]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    args = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(5)[None])
+    values = critic(**args)
+    torch.testing.assert_close(values, reward(**args), rtol=0, atol=0)  # equal while the bias is 0
+    returns, mask = values.detach() + torch.tensor([[1.0, -0.5, 2.0, 0.0, 0.0]]), torch.tensor([[1, 1, 1, 0, 0]]).bool()
+    P.value_loss(values, values.detach(), returns, mask, cliprange_value=10.0)[0].backward()
+    # d/db of 0.5 * mean((V + b - R)^2) over the 3 masked positions = mean(V - R) = -(1 - 0.5 + 2) / 3
+    torch.testing.assert_close(critic.value_bias.grad, torch.tensor([-2.5 / 3]))
+    out = str(tmp_path / "run")
+    run_ppo(llama_chain, sft_data, out, save_every=1, run_eval=False, sample_every=0, learning_rate=1e-3)
+    state = load_file(os.path.join(out, "checkpoints", "update_000001", "model.safetensors"))  # after one update
+    bias = [v for k, v in state.items() if k.endswith("value_bias")]
+    assert len(bias) == 1 and bias[0].abs().item() > 1e-4  # trained by PPO's value loss, saved and resumable

@@ -280,6 +280,25 @@ def test_pairs_are_built_like_the_sft_queries_and_cnndm_rows_get_their_format(ti
     assert ds["validation_cnndm"][0]["query"].startswith("Article:\nOfficials said")
 
 
+def test_cnndm_inputs_drop_the_newline_after_tldr_as_the_reference(tiny_model):
+    """The reference's CNN/DM RM inputs re-encoded `query.strip() + summary`: "...TL;DR:" then " summary", with no
+    newline between them; the query length is still checked with the newline, as the reference's query tokens."""
+    import datasets
+
+    tokenizer = rm.load_tokenizer(tiny_model)
+    row = cnndm_row(0)
+    dataset = rm.split_cnndm(datasets.DatasetDict({"validation": datasets.Dataset.from_list([row])}))
+    pair = rm.tokenize_comparisons(dataset, tokenizer, rm.Args(sft_model_path=tiny_model))[0]["validation_cnndm"][0]
+    query, chosen = rm.CNNDM_FORMAT.format(article=row["info"]["article"]), row["summaries"][row["choice"]]["text"]
+    assert query.endswith("TL;DR:\n") and pair["query"].endswith("TL;DR:")
+    reference = tokenizer.encode(query.strip() + chosen, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert pair["query_token"] + pair["chosen_token"] == reference
+    with_newline = len(tokenizer.encode(query, add_special_tokens=False))
+    assert rm.truncated_article_tokens(tokenizer, row["info"]["article"], with_newline, "r") == pair["query_token"]
+    cut = rm.truncated_article_tokens(tokenizer, row["info"]["article"], with_newline - 1, "r")  # the article is cut
+    assert len(cut) < len(pair["query_token"]) and tokenizer.decode(cut).endswith("\n\nTL;DR:")
+
+
 def test_data_order_global_by_default_per_rank_with_the_flag():
     import datasets
 
@@ -525,3 +544,95 @@ def test_resume_skips_a_corrupt_state_after_a_crash(sft_llama, rm_data, sft_data
     assert records(tmp_path / "full" / "metrics.jsonl") == records(os.path.join(out, "metrics.jsonl"))
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The default dataset: a script repository on its main branch, its parquet conversion on the hub
+# ---------------------------------------------------------------------------------------------------------
+
+# The column types of openai/summarize_from_feedback's "comparisons" configuration, as its loading script declares
+# them and as the hub's parquet conversion stores them.
+COMPARISON_FEATURES = {
+    "info": {k: "string" for k in ("id", "post", "title", "subreddit", "site", "article")},
+    "summaries": [{"text": "string", "policy": "string", "note": "string"}],
+    "choice": "int32", "worker": "string", "batch": "string", "split": "string", "extra": {"confidence": "int32"},
+}
+
+
+def features(spec):
+    import datasets
+
+    if isinstance(spec, dict):
+        return {k: features(v) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return datasets.List(features(spec[0]))
+    return datasets.Value(spec)
+
+
+def script_repository(root) -> str:
+    """A local folder laid out as openai/summarize_from_feedback's main branch: a README and a loading script."""
+    repo = os.path.join(root, "summarize_from_feedback")
+    os.makedirs(repo)
+    with open(os.path.join(repo, "README.md"), "w") as f:
+        f.write("---\npretty_name: summarize_from_feedback\n---\n")
+    with open(os.path.join(repo, "summarize_from_feedback.py"), "w") as f:
+        f.write("import datasets\n\nclass SummarizeFromFeedback(datasets.GeneratorBasedBuilder):\n    pass\n")
+    return repo
+
+
+def parquet_conversion(root, train, validation) -> str:
+    """A local folder laid out as the hub's parquet conversion of that repository (revision refs/convert/parquet):
+    one folder per configuration, one per split, `NNNN.parquet` files, the script's nested column types."""
+    import datasets
+
+    repo = os.path.join(root, "summarize_from_feedback")
+    comparisons = datasets.Features(features(COMPARISON_FEATURES))
+    axis = datasets.Features(features({
+        "info": COMPARISON_FEATURES["info"], "worker": "string", "batch": "string", "split": "string",
+        "summary": {"text": "string", "policy": "string", "note": "string",
+                    "axes": {k: "int64" for k in ("overall", "accuracy", "coverage", "coherence", "compatible")}}}))
+    axis_row = {"info": comparison_rows(1, 7)[0]["info"], "worker": "w", "batch": "b", "split": "test",
+                "summary": {"text": " x", "policy": "ref", "note": None,
+                            "axes": {"overall": 7, "accuracy": 7, "coverage": 7, "coherence": 7, "compatible": None}}}
+    for config, split, rows, feats in (("comparisons", "train", train, comparisons),
+                                       ("comparisons", "validation", validation, comparisons),
+                                       ("axis", "test", [axis_row], axis), ("axis", "validation", [axis_row], axis)):
+        os.makedirs(os.path.join(repo, config, split))
+        datasets.Dataset.from_list(rows, features=feats).to_parquet(os.path.join(repo, config, split, "0000.parquet"))
+    return repo
+
+
+def test_a_dataset_script_repository_is_refused_with_the_fix_named(tmp_path):
+    """datasets >= 4 refuses loading scripts: openai/summarize_from_feedback's main branch cannot be loaded, whatever
+    the code around it does; the stage names the revision that loads."""
+    import datasets
+
+    repo = script_repository(tmp_path)
+    with pytest.raises(RuntimeError, match="Dataset scripts are no longer supported"):
+        datasets.load_dataset(repo, data_dir="comparisons")
+    with pytest.raises(ValueError, match=f"{repo} at revision main is a dataset loading script.*"
+                                         "--dataset_revision refs/convert/parquet"):
+        rm.load_splits(repo, "comparisons")
+
+
+def test_the_default_dataset_revision_loads_the_parquet_conversion(sft_llama, sft_data, tmp_path):
+    """The defaults (--dataset_revision refs/convert/parquet --dataset_subset comparisons) read a repository laid out
+    as the hub's parquet conversion through the call a hub name takes, with nested columns intact; a whole run on
+    it finds the CNN/DM rows."""
+    import datasets
+
+    validation = comparison_rows(12, 20, "validation") + [cnndm_row(i) for i in range(3)]
+    repo = parquet_conversion(tmp_path, comparison_rows(16, 10), validation)
+    defaults = rm.Args(sft_model_path="")
+    assert (defaults.dataset, defaults.dataset_revision, defaults.dataset_subset) == (
+        "openai/summarize_from_feedback", "refs/convert/parquet", "comparisons")
+    ds = rm.load_splits(repo, defaults.dataset_subset, defaults.dataset_revision)
+    assert sorted(ds) == ["train", "validation"] and (len(ds["train"]), len(ds["validation"])) == (16, 15)
+    assert ds["train"].features == datasets.Features(features(COMPARISON_FEATURES))
+    assert ds["validation"][12]["info"]["post"] is None and ds["validation"][12]["batch"] == "cnndm0"
+    assert ds["train"][3]["summaries"][1]["policy"] == "sup2" and ds["train"][3]["extra"]["confidence"] >= 1
+    out = str(tmp_path / "run")
+    rm.main(small_args(sft_model_path=sft_llama, dataset=repo, sft_dataset=sft_data, output_dir=out,
+                       total_episodes=8, normalization_samples=8))
+    m = read_metrics(out)
+    assert m["data/validation/pairs"] == 12 and m["eval/rm/validation_cnndm/num_pairs"] == 3

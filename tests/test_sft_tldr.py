@@ -491,3 +491,24 @@ def test_resume_skips_a_corrupt_state_after_a_crash(tiny_model, sft_data, tmp_pa
     assert full == resumed
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_default_dataset_layout_loads_as_plain_parquet_files(tiny_model, tmp_path):
+    """The default dataset is a repository of parquet files as `push_to_hub` writes them (data/<split>-*.parquet and a
+    README declaring them), not a loading script: a local folder laid out like it loads through the call a hub name
+    takes, and a run reads it."""
+    import datasets
+
+    assert sft.Args().dataset == "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    repo = tmp_path / "summarize_from_feedback_tldr_3_filtered"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(
+        f"  - split: {s}\n    path: data/{s}-*\n" for s in ("train", "validation", "test")) + "---\n")
+    for split, n, seed in (("train", 16, 1), ("validation", 4, 2), ("test", 4, 3)):
+        datasets.Dataset.from_list(sft_rows(n, seed)).to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
+    ds = sft.load_splits(str(repo))
+    assert {s: len(d) for s, d in ds.items()} == {"train": 16, "validation": 4, "test": 4}
+    assert ds["validation"][1] == sft_rows(4, 2)[1]
+    out = str(tmp_path / "out")
+    sft.main(small_args(tiny_model, str(repo), out, max_eval_samples=2, eval_splits=("validation",)))
+    assert os.path.exists(os.path.join(out, "validation_table.csv"))
