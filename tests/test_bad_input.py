@@ -328,4 +328,4 @@ def test_the_offline_pipeline_passes_whole_batches():
                                 (a.rm_synthetic_pairs // a.rm_batch * a.rm_batch, a.rm_batch)):
             S.check_episodes(episodes, batch)
     with pytest.raises(ValueError, match="pass 96 or 112"):
-        S.check_episodes(100, a.sft_batch)
+        S.check_episodes(100, 16)
