@@ -46,10 +46,10 @@ STAGES = ("model", "data", "base", "sft", "samples", "rm", "ppo", "report")
 # Sizes per profile; any of them can be overridden by its flag. "default" fits 30 minutes of a 2-core AVX-512 CPU.
 PROFILES = {
     "default": dict(eval_samples=200, sft_episodes=192, sft_batch=8, sft_lr=1e-4, sample_prompts=48,
-                    rm_synthetic_pairs=48, rm_batch=16, rm_lr=3e-5, rm_eval_synthetic=64, rm_eval_model=100,
+                    rm_synthetic_pairs=48, rm_batch=16, rm_lr=6e-5, rm_eval_synthetic=64, rm_eval_model=100,
                     ppo_episodes=64, ppo_batch=8, ppo_lr=3e-5, ppo_kl_coef=0.05, probe_size=8),
     "full": dict(eval_samples=200, sft_episodes=384, sft_batch=8, sft_lr=1e-4, sample_prompts=128,
-                 rm_synthetic_pairs=128, rm_batch=16, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
+                 rm_synthetic_pairs=128, rm_batch=16, rm_lr=6e-5, rm_eval_synthetic=100, rm_eval_model=100,
                  ppo_episodes=256, ppo_batch=8, ppo_lr=3e-5, ppo_kl_coef=0.05, probe_size=16),
 }
 BF16_SPEEDUP_NEEDED = 1.3  # bf16 autocast only if its matmuls run at least this much faster than fp32
