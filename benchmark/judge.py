@@ -397,7 +397,7 @@ def main(argv=None) -> dict:
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not api_key and args.base_url == DEFAULT_BASE_URL:
         raise SystemExit("set OPENAI_API_KEY or --api_key (or --base_url for a server that needs no key)")
-    df = pd.read_csv(args.table, keep_default_na=False)  # an empty response stays "", not NaN
+    df = pd.read_csv(args.table, keep_default_na=False, lineterminator="\n")  # an empty response stays "", not NaN
     if args.n >= 0:
         df = df.head(args.n)
     client = Client(args.base_url, args.model, api_key, args.timeout, args.max_retries, args.backoff_base,

@@ -233,7 +233,7 @@ def run_win_rate(run: Run, split: str, win_column: Optional[str], win_scores: Op
         path = judged
     if not os.path.exists(path):
         return None
-    df = pd.read_csv(path, keep_default_na=False)
+    df = pd.read_csv(path, keep_default_na=False, lineterminator="\n")
     if win_scores:
         if not set(win_scores) <= set(df.columns):  # e.g. an SFT table has no reward-model scores
             return None
@@ -464,7 +464,7 @@ def make_figures(runs: list[Run], out_dir: str, split: str = "validation", win_c
     for run in runs:
         path = os.path.join(run.path, f"{split}_calibration.csv")
         if run.stage == "reward" and os.path.exists(path):
-            tables.append((run.size, run.seed, pd.read_csv(path)))
+            tables.append((run.size, run.seed, pd.read_csv(path, lineterminator="\n")))
     written["rm_calibration"] = plot_calibration(os.path.join(out_dir, "rm_calibration.png"),
                                                  calibration_frame(tables, min_bin_pairs) if tables else [])
     written["ppo_curves"] = plot_ppo_curves(os.path.join(out_dir, "ppo_curves.png"), runs, smooth)

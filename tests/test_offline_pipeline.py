@@ -133,3 +133,12 @@ def test_the_stages_chain_end_to_end_on_a_tiny_model(tiny_model, corpus, tmp_pat
     assert json.load(open(run / "precision.json"))["chosen"] == "fp32"
     for png in ("ppo_curves.png", "gold_vs_kl.png"):
         assert (run / png).stat().st_size > 0
+
+
+def test_tables_with_a_lone_carriage_return_in_a_sample_read_back_whole(tmp_path):
+    """pandas' to_csv (how the stages write tables) leaves a field holding a lone "\\r" unquoted; the default reader
+    splits the row there. The pipeline reads with "\\n" row ends only."""
+    path = str(tmp_path / "table.csv")
+    pd.DataFrame([{"id": "a", "response": "one\rtwo"}, {"id": "b", "response": "three"}]).to_csv(path, index=False)
+    assert len(pd.read_csv(path, keep_default_na=False)) != 2  # the fault this guards against
+    assert op.load_csv(path) == [{"id": "a", "response": "one\rtwo"}, {"id": "b", "response": "three"}]
