@@ -275,11 +275,11 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
             scores = [g[i] for i in common]
             lines.append(f"| {name} | {fmt(win_rate(scores, ref))} | {tie_rate(scores, ref):.3f} | "
                          f"{sum(scores) / len(scores):.3f} |")
-        lines.append(f"| references | | | {sum(ref) / len(ref):.3f} |")
+        lines += [f"| references | | | {sum(ref) / len(ref):.3f} |", ""]  # the blank line ends the table
         if "PPO" in gold and "SFT" in gold:
             ppo, sft = [gold["PPO"][i] for i in common], [gold["SFT"][i] for i in common]
-            lines += ["", f"PPO against SFT, head to head on the same prompts: {fmt(win_rate(ppo, sft))} "
-                      f"(ties {tie_rate(ppo, sft):.3f})."]
+            lines.append(f"PPO against SFT, head to head on the same prompts: {fmt(win_rate(ppo, sft))} "
+                         f"(ties {tie_rate(ppo, sft):.3f}).")
         if "SFT" in gold and "untrained" in gold:
             sft, base = [gold["SFT"][i] for i in common], [gold["untrained"][i] for i in common]
             lines.append(f"SFT against the untrained model: {fmt(win_rate(sft, base))}.")
