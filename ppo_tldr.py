@@ -1055,6 +1055,16 @@ def keep_freed_host_memory() -> bool:
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
+def device_time() -> float:
+    """time.time() once the GPU has finished the work queued so far. CUDA kernels run asynchronously, so a phase
+    timed with time.time() alone ends when its kernels are launched, and its remaining work is counted in the next
+    phase that waits for a result (time/scoring, for one, would hold little more than the launches). On CPU the
+    same as time.time()."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.time()
+
+
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -1712,7 +1722,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
     progress = tqdm(range(start_update, derived.num_updates + 1), initial=start_update - 1, total=derived.num_updates,
                     disable=not accelerator.is_local_main_process, desc="ppo")
     for update in progress:
-        update_start = time.time()
+        update_start = device_time()
         episode += args.batch_size
         # [N+ 1.D.2] linear annealing by hand, at the start of every update
         lrnow = args.learning_rate * (1.0 - (update - 1.0) / derived.num_updates if args.anneal_lr else 1.0)
@@ -1729,7 +1739,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
             with torch.no_grad(), accelerator.autocast():
                 _, probe_responses, validation_score = sample_and_score(unwrapped.policy, reward_model, probe_queries,
                                                                         tokenizer, eval_config)
-        time_probe = time.time() - t0
+        time_probe = device_time() - t0
         if with_probe and args.sample_every > 0 and (update - 1) % args.sample_every == 0:
             decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
             table = {
@@ -1756,9 +1766,9 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 query = trim_padding_columns(queries[i : i + args.local_rollout_forward_batch_size], pad, "left")
                 context_length = query.shape[1]
                 # 1. sample exactly R tokens at T=0.7; the old log-probs are the generation's own [N+ 1.D.6-7]
-                t0 = time.time()
+                t0 = device_time()
                 response, logprob = generate_with_logprobs(unwrapped.policy, query, pad, rollout_config, R)  # (b, R)
-                time_generation += time.time() - t0
+                time_generation += device_time() - t0
                 t0 = time.time()
                 # 3. response processing 1: keep the first EOS, pad everything after it [N+ 1.D.9]
                 postprocessed_response = truncate_response(response, eos, pad)  # (b, R)
@@ -1778,7 +1788,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 # 5. response processing 2: the RM scores the truncated response at its EOS token [N+ 1.D.12]
                 score = get_score(reward_model, torch.cat((query, postprocessed_response[:, :L]), 1), pad,
                                   context_length)  # (b,)
-                time_scoring += time.time() - t0
+                time_scoring += device_time() - t0
                 responses.append(response)
                 postprocessed_responses.append(postprocessed_response)
                 logprobs.append(logprob)
@@ -1824,7 +1834,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                               "returns": returns}, f"update {update} (episode {episode}), rollouts", True)
 
         # ---- 11. PPO epochs, a fresh shuffle each; one optimizer step per minibatch [N+ 1.D.19]
-        t0 = time.time()
+        t0 = device_time()
         model.train()
         stats = torch.zeros((len(stat_names), *stats_shape), device=device)
         first_minibatch_max_diff = torch.zeros((), device=device)
@@ -1887,7 +1897,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                         if ppo_epoch_idx == 0 and minibatch_idx == 0:  # on-policy: nothing has been updated yet
                             diff = torch.where(valid, logprobs_diff.abs(), 0.0).max()
                             first_minibatch_max_diff = torch.maximum(first_minibatch_max_diff, diff)
-        time_training = time.time() - t0
+        time_training = device_time() - t0
 
         # ---- logging: every number is a mean over the update, gathered across ranks [N+ 3]
         with torch.no_grad():
@@ -1907,7 +1917,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 "check/approxkl_first_minibatch": stats[stat_names.index("approxkl"), 0, 0].mean(),
                 "time/generation": torch.tensor(time_generation), "time/scoring": torch.tensor(time_scoring),
                 "time/training": torch.tensor(time_training), "time/validation_probe": torch.tensor(time_probe),
-                "time/update": torch.tensor(time.time() - update_start),
+                "time/update": torch.tensor(device_time() - update_start),
                 # work done, for throughput and FLOP counts (benchmark/bench_ppo.py)
                 "perf/generated_tokens": torch.tensor(float(responses.numel())),
                 "perf/training_tokens": torch.tensor(float(training_tokens)),
