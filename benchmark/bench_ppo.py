@@ -39,9 +39,12 @@ sys.path.insert(0, ROOT)
 
 TRL_VENV = os.path.join(ROOT, ".venv-trl")
 TRL_PINS = ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0", "trl==1.12.0"]
-# Random-initialised shapes (GPT-NeoX, as Pythia) for GPUs; "tiny" is a 2-layer Llama for a smoke run anywhere.
+# Random-initialised shapes (GPT-NeoX, as Pythia) for GPUs; "tiny" is a 2-layer Llama and "pythia-tiny" a 2-layer
+# GPT-NeoX (Pythia's architecture at toy size, benchmark/gpu_check.py's CPU mode) for a smoke run anywhere.
 SHAPES = {
     "tiny": dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "pythia-tiny": dict(arch="gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256),
     "pythia-1b": dict(arch="gpt_neox", hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
                       intermediate_size=8192, vocab_size=50304),
     "pythia-2.8b": dict(arch="gpt_neox", hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
