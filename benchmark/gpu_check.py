@@ -130,16 +130,20 @@ def package_versions() -> tuple[dict, dict]:
 
     versions, missing = {}, {}
     for name, dist in {**REQUIRED, **OPTIONAL}.items():
-        if name == "deepspeed" and "torch" in versions:
+        saved = os.environ.get("DS_ACCELERATOR")
+        if name == "deepspeed" and "torch" in versions and saved is None:
             import torch
 
-            if not torch.cuda.is_available():
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, without its warning
+            if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator, named so it prints no warning
+                os.environ["DS_ACCELERATOR"] = "cpu"
         try:
             module = importlib.import_module(name)
         except Exception as error:  # ImportError, or a broken install that fails while importing
             missing[name] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             continue
+        finally:
+            if saved is None:
+                os.environ.pop("DS_ACCELERATOR", None)
         try:
             versions[name] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -526,9 +530,6 @@ def print_table(results: dict) -> None:
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     deadline = started + args.time_limit
     versions, broken = package_versions()
     missing_required = [REQUIRED[n] for n in REQUIRED if n in broken]
@@ -556,15 +557,21 @@ def main(argv=None) -> int:
                                                           f"threads)"
     print(f"device: {device}; mode: {'tiny (2-layer GPT-NeoX)' if tiny else 'Pythia-1B shape'}"
           + ("" if on_gpu or args.tiny else " (no CUDA device)"))
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()  # the model builder's load report and progress bars
-    transformers.utils.logging.disable_progress_bar()
     out_dir = os.path.abspath(args.out_dir)
     root = os.path.join(out_dir, size["shape"])
     os.makedirs(root, exist_ok=True)
     t0 = time.perf_counter()
-    data = prepare(args, size, root)
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the model builder's load report (a new score head) and progress bars
+    hf_logging.disable_progress_bar()
+    try:
+        data = prepare(args, size, root)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     shape = {k: data[k] for k in ("n_params", "n_params_value", "n_body", "n_body_value", "layers", "hidden", "vocab")}
     print(f"model: {size['shape']} (GPT-NeoX, {shape['layers']} layers, hidden {shape['hidden']}, vocabulary "
           f"{shape['vocab']:,}; {shape['n_params'] / 1e6:,.1f}M parameters, random init); tokenizer: byte-level BPE of "
