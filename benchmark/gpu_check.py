@@ -5,8 +5,9 @@
 
 Time: it finishes in under 8 minutes (--time_limit 480 s, counted from the start, model building included): a path
 that cannot start before the limit is reported as not run, and one still running at the limit is stopped and fails.
-The paths are sized to fit that limit on one modern data-centre GPU (H100/H200 class). Without a GPU it runs the tiny
-mode, about a minute on 2 CPU cores.
+The sizes are meant to fit all paths into that limit on one H100/H200-class GPU. Without a GPU it runs the tiny
+mode: about 1.5 minutes on 2 CPU cores (the first DeepSpeed run on CPU also compiles DeepSpeed's shared-memory
+communication op, once per torch version: about 70 s more).
 
 No network and no hub: the models are built from a config (bench_ppo.SHAPES "pythia-1b": GPT-NeoX, 16 layers, hidden
 2048, vocabulary 50,304; "pythia-tiny" in tiny mode) with random weights; the tokenizer is a byte-level BPE trained
@@ -33,8 +34,9 @@ meant to), and a projection of the paper's 1M-episode Pythia-1B PPO run on 8 GPU
 arithmetic shown. Exit status: 0 when no path failed (skipped paths allowed), 1 otherwise, 2 for a missing package.
 
 Versions: it needs what requirements.txt lists except gguf and pytest, and `deepspeed` for the DeepSpeed paths. It
-pins and installs nothing; run on a machine's own torch and transformers, the oldest tested are MIN_TESTED below (a
-missing package is named with the commands to install it offline from wheels).
+pins and installs nothing, so it runs on a GPU machine's own torch and transformers; a missing package is named at
+start with the commands to install it offline from wheels (no pins: the installed torch stays). The oldest versions
+it has run with (every path, tiny mode) are listed below; older ones are tried with a warning.
 """
 
 import argparse
@@ -57,10 +59,12 @@ sys.path.insert(0, HERE)
 # import name -> distribution name, for what the stages and this script import
 REQUIRED = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "datasets": "datasets",
             "tyro": "tyro", "rouge_score": "rouge-score", "tokenizers": "tokenizers", "safetensors": "safetensors",
-            "numpy": "numpy", "pandas": "pandas", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+            "numpy": "numpy", "pandas": "pandas", "matplotlib": "matplotlib", "tqdm": "tqdm",
+            "huggingface_hub": "huggingface-hub"}
 OPTIONAL = {"deepspeed": "deepspeed"}
 # the oldest versions this check has run with (tiny mode, every path); older ones are tried with a warning
-MIN_TESTED = {"torch": "2.11.0", "transformers": "5.17.0", "accelerate": "1.15.0", "datasets": "5.2.0",
+MIN_TESTED = {"python": "3.11", "torch": "2.11.0", "transformers": "5.17.0", "huggingface_hub": "1.33.0",
+              "accelerate": "1.15.0", "datasets": "5.2.0", "tyro": "1.0.17", "rouge_score": "0.1.2",
               "deepspeed": "0.19.8"}
 
 PATHS = {  # name -> (stage, DeepSpeed setting, description)
@@ -99,7 +103,9 @@ TOKENIZER_VOCAB = 1000  # BPE tokens trained on the synthetic posts (the model k
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    oldest = ", ".join(f"{name} {version}" for name, version in MIN_TESTED.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1] + f"\nOldest versions tested: {oldest}.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tiny mode (the default where no CUDA device is found)")
     p.add_argument("--out_dir", default="runs/gpu_check", help="models, data, runs and gpu_check.json")
@@ -539,8 +545,9 @@ def main(argv=None) -> int:
               + "; ".join(f"{n}: {broken[n]}" for n in REQUIRED if n in broken) + ")")
         print(install_note(missing_required))
         return 2
-    old = [f"{n} {versions[n]} (oldest tested {v})" for n, v in MIN_TESTED.items()
-           if n in versions and version_tuple(versions[n]) < version_tuple(v)]
+    current = {**versions, "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    old = [f"{n} {current[n]} (oldest tested {v})" for n, v in MIN_TESTED.items()
+           if n in current and version_tuple(current[n]) < version_tuple(v)]
     if old:
         print("warning: older than this check was tested with: " + ", ".join(old))
     deepspeed_missing = "deepspeed" in broken
@@ -575,7 +582,7 @@ def main(argv=None) -> int:
     shape = {k: data[k] for k in ("n_params", "n_params_value", "n_body", "n_body_value", "layers", "hidden", "vocab")}
     print(f"model: {size['shape']} (GPT-NeoX, {shape['layers']} layers, hidden {shape['hidden']}, vocabulary "
           f"{shape['vocab']:,}; {shape['n_params'] / 1e6:,.1f}M parameters, random init); tokenizer: byte-level BPE of "
-          f"{data['vocab_tokens']:,} tokens trained on the synthetic task; prompts: formatted query "
+          f"{data['vocab_tokens'] - 1:,} tokens trained on the synthetic task, plus [PAD]; prompts: formatted query "
           f"{data['prompt_query_tokens'][0]}-{data['prompt_query_tokens'][1]} tokens; set up in "
           f"{time.perf_counter() - t0:.1f} s")
     import bench_ppo
