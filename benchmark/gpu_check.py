@@ -4,7 +4,8 @@
     python benchmark/gpu_check.py --tiny     # any machine, CPU included: a 2-layer GPT-NeoX (tests/test_gpu_check.py)
 
 Time: it finishes in under 8 minutes (--time_limit 480 s, counted from the start, model building included): a path
-that cannot start before the limit is reported as not run, and one still running at the limit is stopped and fails.
+is stopped and fails when it would run into the last 30 s (10 s in tiny mode), kept for stopping it and the report,
+and a path with too little time left is reported as not run.
 The sizes are meant to fit all paths into that limit on one H100/H200-class GPU. Without a GPU it runs the tiny
 mode: about 1.5 minutes on 2 CPU cores (the first DeepSpeed run on CPU also compiles DeepSpeed's shared-memory
 communication op, once per torch version: about 70 s more).
@@ -86,14 +87,14 @@ SIZES = {
     # one GPU: the paper's per-GPU PPO share (512 / 8 = 64 rollouts, micro-batch 16, 4 epochs, 53 tokens)
     "gpu": dict(shape="pythia-1b", corpus=dict(n_sft_train=2000, n_sft_validation=200, n_sft_test=200, n_cmp_train=2000,
                                                n_cmp_validation=400),
-                query_tokens=480, prompts=192, comparisons=(128, 64), matmul_n=8192, min_start_s=30,
+                query_tokens=480, prompts=192, comparisons=(128, 64), matmul_n=8192, min_start_s=30, reserve_s=30,
                 sft=dict(batch=32, micro=16, steps=4, eval_samples=64, eval_batch=32),
                 rm=dict(batch=32, micro=8, steps=4, eval_samples=64, normalization=64, eval_batch=32),
                 ppo=dict(batch=64, micro=16, rollout=64, updates=3, ds_updates=2, probe=16)),
     # CPU: the same code paths on a 2-layer model, a few rows
     "tiny": dict(shape="pythia-tiny", corpus=dict(n_sft_train=300, n_sft_validation=20, n_sft_test=20, n_cmp_train=200,
                                                   n_cmp_validation=40),
-                 query_tokens=200, prompts=12, comparisons=(12, 4), matmul_n=512, min_start_s=5,
+                 query_tokens=200, prompts=12, comparisons=(12, 4), matmul_n=512, min_start_s=5, reserve_s=10,
                  sft=dict(batch=4, micro=2, steps=3, eval_samples=4, eval_batch=4),
                  rm=dict(batch=4, micro=2, steps=3, eval_samples=4, normalization=4, eval_batch=4),
                  ppo=dict(batch=4, micro=2, rollout=4, updates=2, ds_updates=2, probe=2)),
@@ -176,8 +177,9 @@ def install_note(names: list[str]) -> str:
              f"      pip install --no-index --find-links wheels {dists}",
              "  Unpinned, so pip keeps the torch installed here (never `pip install -r requirements.txt` on such a "
              "machine: it pins torch).",
-             "  tyro, rouge-score, accelerate, datasets and their own dependencies are pure-Python wheels, except "
-             "pyarrow, xxhash and pyyaml (datasets, accelerate), usually present."]
+             "  tyro and rouge-score are pure-Python wheels (their dependencies too, but nltk's regex, which "
+             "transformers also needs); accelerate and datasets are too, but may bring compiled dependencies "
+             "(psutil, pyyaml; pyarrow, xxhash, pandas)."]
     if "deepspeed" in names:
         lines += ["  deepspeed is a source package: build its wheel where the network is, with no CUDA ops (they are "
                   "compiled on first use),",
@@ -260,12 +262,12 @@ def prepare(args, size: dict, root: str) -> dict:
     bench_ppo.prepare_prompts(prompt_args, root, models["sft"], size["prompts"])
     comparisons = select_comparisons(corpus, os.path.join(root, "comparisons"), models["sft"], query_tokens,
                                      size["comparisons"])
+    from transformers import AutoTokenizer
+
+    import ppo_tldr
+
+    tok = AutoTokenizer.from_pretrained(models["sft"])
     with open(os.path.join(prompts_dir, "train.jsonl")) as f:
-        from transformers import AutoTokenizer
-
-        import ppo_tldr
-
-        tok = AutoTokenizer.from_pretrained(models["sft"])
         query_lengths = [len(ppo_tldr.truncated_query_tokens(tok, json.loads(line), 512)) for line in f]
     return {**models, "prompts": prompts_dir, "comparisons": os.path.join(root, "comparisons"),
             "tokenizer": tokenizer, "vocab_tokens": len(tok), "prompt_query_tokens": [min(query_lengths),
@@ -321,20 +323,30 @@ def launch(name: str, stage_cmd: list[str], on_gpu: bool) -> tuple[list[str], di
             *stage_cmd], env
 
 
-def run_process(cmd: list[str], env: dict, log_path: str, timeout: float) -> tuple[int, bool]:
+def run_process(cmd: list[str], env: dict, log_path: str, timeout: float, grace: float) -> tuple[int, bool]:
     """(exit status, timed out); the whole process group is stopped at the timeout (launchers start children)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return proc.wait(timeout=max(timeout, 1)), False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, grace)
             return proc.returncode, True
+        except BaseException:  # Ctrl-C: the stage runs in its own session and would not see it
+            stop_group(proc, grace)
+            raise
+
+
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the process group (a stage then saves a state and exits), SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
 
 
 def read_records(run_dir: str) -> list[dict]:
@@ -601,7 +613,7 @@ def main(argv=None) -> int:
             result.update(status="skipped", reason="skipped: not installed (deepspeed)")
             print(f"{label}: {result['reason']}", flush=True)
             continue
-        remaining = deadline - time.perf_counter()
+        remaining = deadline - size["reserve_s"] - time.perf_counter()  # the reserve: stopping a path, the report
         if remaining < size["min_start_s"]:
             result.update(status="not run", reason=f"not run: the {args.time_limit:.0f} s time limit")
             print(f"{label}: {result['reason']}", flush=True)
@@ -613,7 +625,7 @@ def main(argv=None) -> int:
         result.update(command=" ".join(cmd), run_dir=run_dir, log=os.path.join(out_dir, "runs", f"{name}.log"))
         print(f"{label} ...", flush=True)
         t0 = time.perf_counter()
-        code, timed_out = run_process(cmd, env, result["log"], remaining)
+        code, timed_out = run_process(cmd, env, result["log"], remaining, grace=size["reserve_s"] / 2)
         result["seconds"] = time.perf_counter() - t0
         records = read_records(run_dir)
         s = size[stage]
