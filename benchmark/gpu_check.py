@@ -209,7 +209,8 @@ def build_tokenizer(sft_train: str, out: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
 
 
@@ -594,8 +595,7 @@ def main(argv=None) -> int:
     shape = {k: data[k] for k in ("n_params", "n_params_value", "n_body", "n_body_value", "layers", "hidden", "vocab")}
     print(f"model: {size['shape']} (GPT-NeoX, {shape['layers']} layers, hidden {shape['hidden']}, vocabulary "
           f"{shape['vocab']:,}; {shape['n_params'] / 1e6:,.1f}M parameters, random init); tokenizer: byte-level BPE of "
-          f"{data['vocab_tokens'] - 1:,} tokens trained on the synthetic task, plus [PAD]; prompts: formatted query "
-          f"{data['prompt_query_tokens'][0]}-{data['prompt_query_tokens'][1]} tokens; set up in "
+          f"{data['vocab_tokens'] - 1:,} tokens trained on the synthetic task, plus [PAD]; set up in "
           f"{time.perf_counter() - t0:.1f} s")
     import bench_ppo
 
