@@ -333,7 +333,7 @@ def run_process(cmd: list[str], env: dict, log_path: str, timeout: float, grace:
         except subprocess.TimeoutExpired:
             stop_group(proc, grace)
             return proc.returncode, True
-        except BaseException:  # Ctrl-C: the stage runs in its own session and would not see it
+        except BaseException:  # Ctrl-C: the stage runs in its own process group and would not see it
             stop_group(proc, grace)
             raise
 
