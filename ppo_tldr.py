@@ -284,6 +284,34 @@ class Args:
     eval_temperature: float = 0.01
     """sampling temperature of the probe and the evaluation, as OpenAI's sample.py [N+ 1.D.24, 1.F.6]"""
 
+    # --- health monitor (not in the paper; README "Watching a run"): judge-free checks of every update's rollouts
+    health_action: Literal["stop", "continue", "log"] = "stop"
+    """when a check trips: `stop` rolls back to the newest state saved before the trouble began and ends the run
+    there (the saved policy is the last healthy one); `continue` rolls back, halves the learning rate, doubles the KL
+    coefficient and goes on; `log` only writes the incident. Rolling back needs states: --save_every 1 and
+    --keep_states >= --health_patience + 1 (without a state to go back to, `stop` ends the run where it is)"""
+    health_patience: int = 2
+    """consecutive updates a check must fail before it trips (one noisy update is no alarm)"""
+    health_max_eos_drop: Optional[float] = 0.5
+    """trip when the EOS rate of the rollouts falls below (1 - this) x the first update's: a policy that stopped
+    ending its summaries; None = off"""
+    health_max_kl: Optional[float] = 10.0
+    """trip when the rollouts' KL to the SFT policy (sum over the response, nats) exceeds this; None = off"""
+    health_max_length_drift: Optional[float] = 0.5
+    """trip when the mean response length moves more than this fraction from the first update's; None = off"""
+    health_max_entropy_rise: Optional[float] = 0.5
+    """trip when the rollouts' per-token entropy rises more than this fraction above the first update's (a policy
+    losing its shape); None = off"""
+    health_max_repetition_rise: Optional[float] = 0.2
+    """trip when the responses' mean repeated word-trigram fraction rises more than this above the first update's
+    (loops); None = off"""
+    health_max_duplicate_rise: Optional[float] = 0.25
+    """trip when the share of responses that are word for word another prompt's response rises more than this above
+    the first update's (one answer for every prompt); None = off"""
+    health_max_probe_gap_rise: Optional[float] = 1.0
+    """trip when the validation probe's RM score, minus that of its reference summaries, rises more than this (RM
+    units) above the first update's: a jump the offline gold judge showed to be reward hacking; None = off"""
+
 
 @dataclass
 class Derived:
@@ -925,6 +953,128 @@ def evaluate(policy, reward_model, tokenizer, dataset, args: Args, accelerator, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Health monitor: judge-free signals of the running policy, checked every update; a check that fails
+# --health_patience updates in a row trips, writes an incident and rolls back (README "Watching a run").
+# Not in the paper; it changes no math until a check trips.
+# ---------------------------------------------------------------------------------------------------------
+
+# Every check but the KL compares an update with the first one, whose rollouts come from the starting (SFT) policy:
+# a drift is measured against what this model does before PPO, so the same thresholds fit any model size.
+# check name -> (signal, Args field holding its upper limit)
+HEALTH_CHECKS = {
+    "eos_drop": ("health/eos_drop", "health_max_eos_drop"),
+    "kl": ("health/kl", "health_max_kl"),
+    "length_drift": ("health/length_drift", "health_max_length_drift"),
+    "entropy_rise": ("health/entropy_rise", "health_max_entropy_rise"),
+    "repetition_rise": ("health/repetition_rise", "health_max_repetition_rise"),
+    "duplicate_rise": ("health/duplicate_rise", "health_max_duplicate_rise"),
+    "probe_gap_rise": ("health/probe_gap_rise", "health_max_probe_gap_rise"),
+}
+
+
+def repeated_trigram_fraction(text: str) -> float:
+    """1 - distinct/total over the lower-cased word trigrams of `text` (0 below three words): 0 for ordinary prose,
+    towards 1 for a response that loops."""
+    words = text.lower().split()
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+
+
+def duplicate_share(texts: list[str]) -> float:
+    """Share of responses whose whitespace-normalised text is also the response to another prompt of the batch: 0
+    when every prompt gets its own answer, 1 when the policy says the same thing to everyone."""
+    keys = [" ".join(t.lower().split()) for t in texts]
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return sum(counts[k] > 1 for k in keys) / len(keys) if keys else 0.0
+
+
+def health_raw(eos_rate: float, length: float, entropy_per_token: float, texts: list[str],
+               probe_gap: Optional[float] = None) -> dict:
+    """The quantities the checks follow, for one update's rollouts (probe_gap: the validation probe's mean RM score
+    minus that of its reference summaries)."""
+    raw = {"eos_rate": eos_rate, "length": length, "entropy": entropy_per_token,
+           "repetition": float(np.mean([repeated_trigram_fraction(t) for t in texts])) if texts else 0.0,
+           "duplicates": duplicate_share(texts)}
+    if probe_gap is not None:
+        raw["probe_gap"] = probe_gap
+    return raw
+
+
+def health_signals(raw: dict, baseline: dict, kl: float) -> dict:
+    """The checked signals: each raw quantity's change from the first update's (`baseline`), and the KL.
+
+    eos_drop        1 - EOS rate / the first update's (0 while the policy ends its responses as SFT did)
+    length_drift    |mean response length / the first update's - 1|
+    entropy_rise    per-token entropy of the rollouts / the first update's - 1
+    repetition_rise mean repeated word-trigram fraction - the first update's
+    duplicate_rise  share of responses identical to another prompt's - the first update's
+    probe_gap_rise  (probe RM score - its references' RM score) - the first update's"""
+    def ratio(key):
+        return raw[key] / baseline[key] if baseline[key] > 0 else 1.0
+
+    signals = {"health/eos_rate": raw["eos_rate"], "health/repeated_trigrams": raw["repetition"],
+               "health/duplicate_share": raw["duplicates"], "health/kl": kl,
+               "health/eos_drop": 1.0 - ratio("eos_rate"), "health/length_drift": abs(ratio("length") - 1.0),
+               "health/entropy_rise": ratio("entropy") - 1.0,
+               "health/repetition_rise": raw["repetition"] - baseline["repetition"],
+               "health/duplicate_rise": raw["duplicates"] - baseline["duplicates"]}
+    if "probe_gap" in raw and "probe_gap" in baseline:
+        signals["health/probe_gap"] = raw["probe_gap"]
+        signals["health/probe_gap_rise"] = raw["probe_gap"] - baseline["probe_gap"]
+    return signals
+
+
+def failing_checks(signals: dict, thresholds: dict) -> dict:
+    """{check: (value, limit)} for every enabled check (limit not None) whose signal is above its limit."""
+    failing = {}
+    for name, (key, _) in HEALTH_CHECKS.items():
+        limit = thresholds.get(name)
+        if limit is not None and key in signals and signals[key] > limit:
+            failing[name] = (signals[key], limit)
+    return failing
+
+
+class HealthMonitor:
+    """Counts, per check, the consecutive updates it failed; `observe` returns the checks that reached `patience`.
+    Its state (streaks, the baseline and the signal history) goes into every resumable state."""
+
+    def __init__(self, thresholds: dict, patience: int):
+        self.thresholds, self.patience = thresholds, patience
+        self.streak = {name: 0 for name in HEALTH_CHECKS}
+        self.history: list[dict] = []  # {"update": u, **signals}
+        self.baseline: Optional[dict] = None
+
+    def observe(self, update: int, signals: dict) -> dict:
+        self.history.append({"update": update, **signals})
+        failing = failing_checks(signals, self.thresholds)
+        for name in self.streak:
+            self.streak[name] = self.streak[name] + 1 if name in failing else 0
+        return {name: failing[name] for name in failing if self.streak[name] >= self.patience}
+
+    def trouble_began(self, tripped: dict) -> int:
+        """The first update of the longest failing streak among the tripped checks."""
+        return self.history[-1]["update"] - max(self.streak[name] for name in tripped) + 1
+
+    def reset(self) -> None:
+        self.streak = {name: 0 for name in HEALTH_CHECKS}
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "history": self.history, "baseline": self.baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.history, self.baseline = dict(state["streak"]), list(state["history"]), state["baseline"]
+
+
+def healthy_update(trouble_began: int) -> int:
+    """The newest update whose policy is known healthy. Update u's rollouts come from the policy of the end of update
+    u - 1, so the first failing rollouts (update s) indict the policy of update s - 1, and the last policy whose
+    rollouts passed is that of update s - 2 (0: the starting policy)."""
+    return max(trouble_began - 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Logging, provenance and resumable training state
 # ---------------------------------------------------------------------------------------------------------
 
@@ -1086,8 +1236,8 @@ RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "o
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
 # what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
-RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "samples", "dataset", "final_model.tmp", "config.json",
-               "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "health", "samples", "dataset", "final_model.tmp",
+               "config.json", "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
                "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
 PREVIOUS_RUNS = "previous_runs"
@@ -1526,6 +1676,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
                               "validation_probe_size", "sample_every", "max_eval_samples", "kl_coef", "temperature",
                               "eval_temperature"))
+    check_flags(args, positive=("health_patience",))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # else each process would silently run alone, in the same output_dir
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
@@ -1668,10 +1819,22 @@ def train_ppo(args: Args, stop: StopOnSignal):
             probe_reference_scores = get_score(reward_model, torch.cat((probe_queries, probe_reference), 1), pad,
                                                probe_queries.shape[1])
 
+    # the health monitor, and the recipe changes its `continue` action made (kept in every state, so --resume
+    # continues with them)
+    monitor = HealthMonitor({"eos_drop": args.health_max_eos_drop, "kl": args.health_max_kl,
+                             "length_drift": args.health_max_length_drift,
+                             "entropy_rise": args.health_max_entropy_rise,
+                             "repetition_rise": args.health_max_repetition_rise,
+                             "duplicate_rise": args.health_max_duplicate_rise,
+                             "probe_gap_rise": args.health_max_probe_gap_rise}, args.health_patience)
+    health = {"lr_scale": 1.0, "kl_coef": args.kl_coef, "incidents": []}
     start_update, episode, data_position = 1, 0, 0
     if resumed is not None:
         accelerator.load_state(checkpoint)  # weights, optimizer and this rank's RNG states
         start_update, episode, data_position = resumed["update"] + 1, resumed["episode"], resumed["data_position"]
+        if "health" in resumed:
+            monitor.load_state_dict(resumed["health"]["monitor"])
+            health = {k: v for k, v in resumed["health"].items() if k != "monitor"}
         if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
             cut_metrics(args.output_dir, resumed["metrics_lines"])
         accelerator.print(f"resumed from {checkpoint} at update {start_update}, episode {episode}")
@@ -1679,6 +1842,12 @@ def train_ppo(args: Args, stop: StopOnSignal):
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
     if resumed is None:  # a resumed run kept this record in metrics.jsonl
         logger.log({"episodes": 0, **data_metrics}, 0)
+    # rolling back after `patience` failing updates needs a state of every update and the newest patience + 1 of them
+    rollback_possible = (args.health_action != "log" and args.save_every == 1
+                         and args.keep_states >= args.health_patience + 1)
+    if args.health_action != "log" and not rollback_possible:
+        accelerator.print(f"health monitor: a tripped check will {args.health_action} without rolling back (that "
+                          f"needs --save_every 1 and --keep_states >= {args.health_patience + 1})")
     accelerator.print(
         f"{derived.num_updates} updates x {args.batch_size} rollouts; per process {derived.local_batch_size} = "
         f"{args.local_micro_batch_size} micro x {derived.gradient_accumulation_steps} accumulation x "
@@ -1701,8 +1870,29 @@ def train_ppo(args: Args, stop: StopOnSignal):
         save_state_atomic(accelerator, path, {
             "update": update, "episode": episode, "data_position": data_position, "metrics_lines": metrics_lines,
             "run_name": run_name, "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
+            "health": {"monitor": monitor.state_dict(), **health},
         }, args.keep_states)
         return path
+
+    def roll_back(target: int) -> Optional[str]:
+        """Load the state of the end of update `target` (weights, optimizer, RNG) and delete the newer states, so
+        that --resume can never pick an unhealthy one; None (nothing loaded) when that state is not on disk."""
+        root = os.path.join(args.output_dir, "checkpoints")
+        folder = os.path.join(root, f"update_{target:06d}")
+        if not rollback_possible or not os.path.isdir(folder) or state_problem(folder) is not None:
+            return None
+        accelerator.load_state(folder)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in os.listdir(root):
+                if name.startswith("update_") and not name.endswith(".tmp") and int(name[7:13]) > target:
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return folder
+
+    if rollback_possible and resumed is None:  # the starting policy, the state to go back to if update 1 goes wrong
+        last_state = save_resumable(0, 0, 0)
+    kept_update = None  # set when a check stops the run: the update whose policy is saved
 
     def stop_if_diverged(quantities: dict, where: str, weights_untouched: bool) -> None:
         """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). When no
@@ -1726,6 +1916,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
         episode += args.batch_size
         # [N+ 1.D.2] linear annealing by hand, at the start of every update
         lrnow = args.learning_rate * (1.0 - (update - 1.0) / derived.num_updates if args.anneal_lr else 1.0)
+        lrnow *= health["lr_scale"]  # 1 unless the health monitor's `continue` lowered it
         for group in optimizer.param_groups:
             group["lr"] = lrnow
         rows = prompt_indices(len(train_queries), args.seed, data_position, args.batch_size)
@@ -1815,7 +2006,8 @@ def train_ppo(args: Args, stop: StopOnSignal):
 
             # 8. per-token rewards: -0.05 * KL on every token, the score after EOS [N+ 1.D.15]
             kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator)  # (B, R), 0 on padding
-            rewards, non_score_reward = compute_rewards(kl, scores, sequence_lengths, args.kl_coef, args.score_at)
+            rewards, non_score_reward = compute_rewards(kl, scores, sequence_lengths, health["kl_coef"],
+                                                        args.score_at)  # kl_coef, unless the monitor raised it
 
             # 9. optional reward whitening, mean kept; off in the released runs [N+ 1.D.16]
             if args.whiten_rewards:
@@ -1946,7 +2138,55 @@ def train_ppo(args: Args, stop: StopOnSignal):
             episodes_per_second = (episode - start_episode) / (time.time() - start_time)
             metrics.update({"ppo/lr": lrnow, "ppo/episode": episode, "ppo/eps": int(episodes_per_second),
                             "time/episodes_per_second": episodes_per_second, "time/peak_memory_gib": peak_memory_gib()})
+            # ---- health monitor: judge-free signals of this update's rollouts (README "Watching a run")
+            texts = accelerator.gather_for_metrics(
+                tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
+            entropy_per_token = metrics["objective/entropy"] / max(metrics["objective/response_length"], 1.0)
+            probe_gap = (metrics["objective/validation_score"] - accelerator.gather(
+                probe_reference_scores.float()).mean().item()) if with_probe else None
+            raw = health_raw(metrics["objective/eos_fraction"], metrics["objective/response_length"],
+                             entropy_per_token, texts, probe_gap)
+            if monitor.baseline is None:  # the first update samples the starting policy
+                monitor.baseline = raw
+            signals = health_signals(raw, monitor.baseline, metrics["objective/kl"])
+            metrics.update(signals)
+            tripped = monitor.observe(update, signals)
         logger.log(metrics, episode)
+        if tripped:
+            began = monitor.trouble_began(tripped)
+            target = healthy_update(began)
+            folder = roll_back(target) if args.health_action != "log" else None
+            incident = {
+                "update": update, "episode": episode, "action": args.health_action,
+                "tripped": {name: {"value": v, "threshold": t, "signal": HEALTH_CHECKS[name][0]}
+                            for name, (v, t) in tripped.items()},
+                "trouble_began_at_update": began, "last_healthy_update": target,
+                "rolled_back_to": folder, "history": monitor.history[-(args.health_patience + 3):],
+                "sample_responses": texts[:4],
+            }
+            if folder is not None:
+                last_state = folder
+            if args.health_action == "continue":  # the documented recipe change, recorded in every later state
+                health["lr_scale"] *= 0.5
+                health["kl_coef"] *= 2.0
+                incident["recipe_after"] = {"learning_rate_scale": health["lr_scale"], "kl_coef": health["kl_coef"]}
+            health["incidents"].append({k: incident[k] for k in ("update", "tripped", "last_healthy_update",
+                                                                 "rolled_back_to")})
+            monitor.reset()
+            if accelerator.is_main_process:
+                os.makedirs(os.path.join(args.output_dir, "health"), exist_ok=True)
+                with open(os.path.join(args.output_dir, "health", f"incident_update_{update:06d}.json"), "w") as f:
+                    json.dump(incident, f, indent=2)
+            logger.log({"health/incident": 1.0, "health/rolled_back_to_update": target if folder else -1,
+                        "health/lr_scale": health["lr_scale"], "health/kl_coef": health["kl_coef"]}, episode)
+            accelerator.print(
+                f"health: {', '.join(f'{n} {v:.3g} (limit {t:g})' for n, (v, t) in tripped.items())} for "
+                f"{args.health_patience} updates; trouble began at update {began}; "
+                + (f"rolled back to the state of update {target}" if folder else "no state to roll back to")
+                + f"; {args.health_action} (incident in {args.output_dir}/health)")
+            if args.health_action == "stop":
+                kept_update = target if folder else update
+                break
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
                              ratio=f"{metrics['check/ratio_first_minibatch']:.4f}")
 
@@ -1963,6 +2203,22 @@ def train_ppo(args: Args, stop: StopOnSignal):
             raise SystemExit(143 if signal_name == "SIGTERM" else 130)
     progress.close()
     stop.restore()  # the final save and evaluation are not resumable: from here a signal acts as usual
+    # the run's health summary: which update the saved policy is from, and every incident
+    summary = {"kept_policy_update": kept_update if kept_update is not None else derived.num_updates,
+               "stopped_by_health_monitor": kept_update is not None, **health}
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "health"), exist_ok=True)
+        with open(os.path.join(args.output_dir, "health", "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        info_path = os.path.join(args.output_dir, "run_info.json")
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
+            with open(info_path, "w") as f:
+                json.dump({**info, "health": summary}, f, indent=2)
+    accelerator.print(f"the saved policy is that of update {summary['kept_policy_update']}"
+                      + (" (the last healthy one; the health monitor stopped the run)" if kept_update is not None
+                         else ""))
 
     # ---- save the policy as a standard Hugging Face folder [N+ 1.D.26]
     accelerator.wait_for_everyone()

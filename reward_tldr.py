@@ -948,8 +948,8 @@ def accuracy_metrics(df, split: str) -> dict:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
 # what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
-RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "samples", "dataset", "final_model.tmp", "config.json",
-               "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "health", "samples", "dataset", "final_model.tmp",
+               "config.json", "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
                "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
 PREVIOUS_RUNS = "previous_runs"

@@ -375,11 +375,31 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
                           f"score {gold_mean[0]:.3f} at KL 0 -> best {gold_mean[best]:.3f} at update {steps[best]} "
                           f"(KL {kl[best]:.2f}) -> {gold_mean[-1]:.3f} at KL {kl[-1]:.2f}; RM score "
                           f"{rm_mean[0]:.3f} -> {rm_mean[best]:.3f} -> {rm_mean[-1]:.3f}."]
+        lines += health_lines(d["ppo"])
     path = os.path.join(args.run_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {path}")
+
+
+def health_lines(ppo_dir: str) -> list[str]:
+    """The PPO health monitor's verdict (README "Watching a run"): which update the evaluated policy is from, and
+    each incident: the checks that tripped, with their values and limits, and the update rolled back to."""
+    path = os.path.join(ppo_dir, "health", "summary.json")
+    if not os.path.exists(path):
+        return []
+    summary = json.load(open(path))
+    lines = ["", f"Health monitor: the saved and evaluated policy is that of update {summary['kept_policy_update']}"
+             + (" (a check tripped and the run stopped there)." if summary["stopped_by_health_monitor"] else ".")]
+    if not summary["incidents"]:
+        lines[-1] += " No check tripped."
+    for incident in summary["incidents"]:
+        checks = ", ".join(f"{name} {v['value']:.3g} > {v['threshold']:g}" for name, v in incident["tripped"].items())
+        lines.append(f"- update {incident['update']}: {checks}; last healthy policy: update "
+                     f"{incident['last_healthy_update']}" + ("" if incident["rolled_back_to"] else " (not on disk)")
+                     + f"; incident record `ppo/health/incident_update_{incident['update']:06d}.json`.")
+    return lines
 
 
 def build_rm_data(args, sft_tables: list[str], sft_validation_table: str, out_dir: str) -> dict:
@@ -489,6 +509,8 @@ def main(argv=None) -> None:
                   "--local_rollout_forward_batch_size", str(args.ppo_batch), "--learning_rate", str(args.ppo_lr),
                   "--kl_coef", str(args.ppo_kl_coef), "--eval_splits", "validation", "--sample_every", "1",
                   "--validation_probe_size", str(args.probe_size), "--stop_generation_at_eos", "--skip_after_eos",
+                  # the health monitor rolls back to the last healthy policy: a state after every update, 3 kept
+                  "--save_every", "1", "--keep_states", "3",
                   "--seed", str(args.seed), *evals], d["ppo"], "model.safetensors")
     if "report" in stages:
         write_report(args, d, timings, precision)

@@ -911,3 +911,139 @@ def test_the_value_head_has_a_bias_the_value_loss_trains_and_the_reward_model_ha
     state = load_file(os.path.join(out, "checkpoints", "update_000001", "model.safetensors"))  # after one update
     bias = [v for k, v in state.items() if k.endswith("value_bias")]
     assert len(bias) == 1 and bias[0].abs().item() > 1e-4  # trained by PPO's value loss, saved and resumable
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Health monitor
+# ---------------------------------------------------------------------------------------------------------
+
+HEALTH_LIMITS = {name: P.Args.__dataclass_fields__[field].default for name, (_, field) in P.HEALTH_CHECKS.items()}
+
+
+def test_each_health_check_fires_on_its_own_fault_and_not_on_a_healthy_update():
+    start = P.health_raw(0.9, 30.0, 0.7, ["my bf forgot my bday. should i dump him?", "my boss cut my hours."],
+                         probe_gap=-0.2)
+    healthy = P.health_raw(0.85, 36.0, 0.8, ["my boyfriend forgot my birthday again. should i end it?",
+                                             "my boss cut my hours without asking."], probe_gap=0.3)
+    assert P.failing_checks(P.health_signals(healthy, start, 4.0), HEALTH_LIMITS) == {}
+    loop = "tl;dr: i am fine tl;dr: i am fine tl;dr: i am fine tl;dr: i am fine"
+    faults = {  # each quantity pushed past its limit, the rest as in the healthy update
+        "eos_drop": dict(eos_rate=0.4),
+        "length_drift": dict(length=14.0),  # shrinking counts as drift too
+        "entropy_rise": dict(entropy=1.1),
+        "repetition_rise": dict(texts=[loop, "my boss cut my hours without asking."]),
+        "duplicate_rise": dict(texts=["thanks for reading!", "thanks for reading!"]),
+        "probe_gap_rise": dict(probe_gap=1.0),
+    }
+    base = dict(eos_rate=0.85, length=36.0, entropy_per_token=0.8, probe_gap=0.3,
+                texts=["my boyfriend forgot my birthday again. should i end it?", "my boss cut my hours without asking."])
+    for name, change in faults.items():
+        kwargs = {**base, **({"entropy_per_token": change["entropy"]} if "entropy" in change else change)}
+        signals = P.health_signals(P.health_raw(**kwargs), start, 4.0)
+        assert set(P.failing_checks(signals, HEALTH_LIMITS)) == {name}, (name, signals)
+    assert set(P.failing_checks(P.health_signals(healthy, start, 10.5), HEALTH_LIMITS)) == {"kl"}
+    # None switches a check off; a starting policy that never ends (EOS rate 0) cannot drop
+    assert P.failing_checks(P.health_signals(healthy, start, 10.5), {**HEALTH_LIMITS, "kl": None}) == {}
+    never_ends = P.health_raw(0.0, 30.0, 0.7, ["a"])
+    assert P.health_signals(never_ends, never_ends, 0.0)["health/eos_drop"] == 0.0
+    assert P.repeated_trigram_fraction("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert P.duplicate_share(["x", " X ", "y"]) == pytest.approx(2 / 3)
+
+
+def test_a_check_trips_only_after_patience_consecutive_failing_updates():
+    monitor = P.HealthMonitor({**HEALTH_LIMITS}, patience=2)
+    ok, bad = {"health/kl": 1.0}, {"health/kl": 11.0}
+    assert monitor.observe(1, ok) == {}
+    assert monitor.observe(2, bad) == {}  # one noisy update is no alarm
+    assert monitor.observe(3, ok) == {}  # and a healthy one resets the count
+    assert monitor.observe(4, bad) == {}
+    assert monitor.observe(5, bad) == {"kl": (11.0, 10.0)}
+    assert monitor.trouble_began({"kl": None}) == 4
+    # update 4's rollouts came from the policy of update 3: the last healthy policy is that of update 2
+    assert P.healthy_update(4) == 2 and P.healthy_update(1) == 0
+    restored = P.HealthMonitor({**HEALTH_LIMITS}, patience=2)
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert restored.streak == monitor.streak and restored.history == monitor.history
+
+
+def _fail_eos_at(monkeypatch, updates):
+    """Make the EOS check fail at `updates` (the real signals otherwise): the monitor sees a policy that stopped
+    ending its responses there."""
+    original = P.HealthMonitor.observe
+
+    def observe(self, update, signals):
+        if update in updates:
+            signals = {**signals, "health/eos_drop": 1.0}
+        return original(self, update, signals)
+
+    monkeypatch.setattr(P.HealthMonitor, "observe", observe)
+
+
+def test_a_tripped_check_rolls_back_to_the_saved_weights_and_stops(llama_chain, sft_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _fail_eos_at(monkeypatch, {3, 4})
+    out = tmp_path / "run"
+    records = run_ppo(llama_chain, sft_data, str(out), total_episodes=48, save_every=1, keep_states=3,
+                      max_eval_samples=3)
+    updates = training_records(records)
+    assert len(updates) == 4  # updates 5 and 6 never ran
+    assert all(key in r for r in updates for key, _ in P.HEALTH_CHECKS.values())  # every signal is logged
+    incident = json.load(open(out / "health" / "incident_update_000004.json"))
+    assert incident["tripped"]["eos_drop"]["value"] == 1.0 and incident["trouble_began_at_update"] == 3
+    assert incident["last_healthy_update"] == 1 and incident["rolled_back_to"].endswith("update_000001")
+    assert [h["update"] for h in incident["history"]][-2:] == [3, 4] and len(incident["sample_responses"]) == 4
+    summary = json.load(open(out / "health" / "summary.json"))
+    assert summary["kept_policy_update"] == 1 and summary["stopped_by_health_monitor"]
+    assert json.load(open(out / "run_info.json"))["health"]["kept_policy_update"] == 1
+    # the newer (unhealthy) states are gone; the saved policy is exactly the policy of the state of update 1
+    assert os.listdir(out / "checkpoints") == ["update_000001"]
+    state = load_file(str(out / "checkpoints" / "update_000001" / "model.safetensors"))
+    policy = load_file(str(out / "model.safetensors"))
+    assert policy and all(torch.equal(policy[k], state["policy." + k]) for k in policy)
+    sft = load_file(os.path.join(llama_chain[0], "model.safetensors"))  # and update 1 did change the SFT weights
+    assert any(not torch.equal(policy[k], sft[k]) for k in policy if k in sft and policy[k].shape == sft[k].shape)
+    assert os.path.exists(out / "validation_table.csv")  # the kept policy is the one evaluated
+
+
+def test_continuing_after_a_rollback_changes_the_recipe_and_resumes_exactly(llama_chain, sft_data, tmp_path,
+                                                                           monkeypatch):
+    from safetensors.torch import load_file
+
+    _fail_eos_at(monkeypatch, {3, 4})
+    common = dict(total_episodes=48, save_every=1, keep_states=3, health_action="continue", max_eval_samples=3)
+    full = run_ppo(llama_chain, sft_data, str(tmp_path / "full"), **common)
+    updates = training_records(full)
+    assert len(updates) == 6
+    lr = P.Args.__dataclass_fields__["learning_rate"].default
+    assert updates[4]["ppo/lr"] == pytest.approx(0.5 * lr * (1 - 4 / 6))  # halved after the rollback at update 4
+    assert updates[3]["ppo/lr"] == pytest.approx(lr * (1 - 3 / 6))
+    incident = [r for r in full if "health/incident" in r]
+    assert len(incident) == 1 and incident[0]["health/kl_coef"] == pytest.approx(0.1)
+    summary = json.load(open(tmp_path / "full" / "health" / "summary.json"))
+    assert summary["kept_policy_update"] == 6 and not summary["stopped_by_health_monitor"]
+    assert summary["kl_coef"] == pytest.approx(0.1) and summary["lr_scale"] == 0.5
+
+    class Preempted(Exception):
+        pass
+
+    original = P.prompt_indices
+
+    def preempt_in_update_6(num_rows, seed, start, count):
+        if start == 5 * count:
+            raise Preempted
+        return original(num_rows, seed, start, count)
+
+    monkeypatch.setattr(P, "prompt_indices", preempt_in_update_6)
+    with pytest.raises(Preempted):
+        run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), **common)
+    monkeypatch.setattr(P, "prompt_indices", original)
+    resumed = run_ppo(llama_chain, sft_data, str(tmp_path / "resumed"), resume=True, **common)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "ppo/eps"} for r in records]
+
+    assert strip(full) == strip(resumed)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
