@@ -54,10 +54,12 @@ PROFILES = {
                  rm_synthetic_pairs=128, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
                  ppo_episodes=256, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, probe_size=16),
 }
-# Micro-batch of PPO's training forwards and of every evaluation's sampling. On a 2-core Xeon (AVX-512, no AMX) the
-# forward+backward of 8 sequences of 190 tokens took 6.1-6.6 s in one micro-batch and 7.7-9.1 s one at a time; a
-# decode step of 16 sequences costs 2.2x one of 4 (it reads the weights once), so 16 samples per batch.
-PPO_MICRO_BATCH, EVAL_BATCH = 8, 16
+# PPO's training micro-batch and rollout chunk, and the evaluations' sampling batch. On a 2-core Xeon (AVX-512, no
+# AMX) the forward+backward of 8 sequences of 190 tokens took 6.1-6.6 s in one micro-batch against 7.7-9.1 s one at
+# a time, but PPO with micro-batches of 8 and rollout chunks of 16 grew past 23 GB and was killed for memory on a
+# 24 GB machine; one sequence at a time and chunks of 8 stay under 6 GB. A decode step of 16 sequences costs 2.2x
+# one of 4 (it reads the weights once per step), so evaluations sample 16 at a time.
+PPO_MICRO_BATCH, PPO_ROLLOUT_CHUNK, EVAL_BATCH = 1, 8, 16
 BF16_SPEEDUP_NEEDED = 1.3  # bf16 autocast only if its matmuls run at least this much faster than fp32
 
 
@@ -506,7 +508,8 @@ def main(argv=None) -> None:
     stage("ppo", [py, "ppo_tldr.py", "--sft_model_path", d["sft"], "--reward_model_path", d["rm"], "--dataset",
                   sft_data, "--output_dir", d["ppo"], "--total_episodes", str(args.ppo_episodes), "--batch_size",
                   str(args.ppo_batch), "--local_micro_batch_size", str(min(PPO_MICRO_BATCH, args.ppo_batch)),
-                  "--local_rollout_forward_batch_size", str(args.ppo_batch), "--learning_rate", str(args.ppo_lr),
+                  "--local_rollout_forward_batch_size", str(min(PPO_ROLLOUT_CHUNK, args.ppo_batch)),
+                  "--learning_rate", str(args.ppo_lr),
                   "--kl_coef", str(args.ppo_kl_coef), "--eval_splits", "validation", "--sample_every", "1",
                   "--validation_probe_size", str(args.probe_size), "--stop_generation_at_eos", "--skip_after_eos",
                   # the health monitor rolls back to the last healthy policy: a state after every update, 3 kept
