@@ -934,7 +934,10 @@ def evaluate(policy, reward_model, tokenizer, dataset, args: Args, accelerator, 
     table = {k: [] for k in ("id", "query", "response", "reference", "score", "reference_score")}
     lengths = []
     decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
-    for batch in loader:
+    from tqdm.auto import tqdm
+
+    # sampling a few hundred prompts takes minutes on a CPU: show it
+    for batch in tqdm(loader, desc="evaluation", disable=not accelerator.is_local_main_process):
         queries, responses, scores = sample_and_score(policy, reward_model, batch["query_token"], tokenizer,
                                                       generation_config)
         reference = batch["reference_response_token"]

@@ -617,7 +617,10 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
     loader = accelerator.prepare_data_loader(loader)
     unwrapped = accelerator.unwrap_model(model)
     losses, responses, references, queries = [], [], [], []
-    for batch in loader:
+    from tqdm.auto import tqdm
+
+    # sampling a few hundred prompts takes minutes on a CPU: show it
+    for batch in tqdm(loader, desc="evaluation", disable=not accelerator.is_local_main_process):
         query, reference = batch["query_token"], batch["reference_response_token"]
         # (a) teacher-forced loss on cat(left-padded query, right-padded reference), without the columns that are
         #     padding in every row (positions come from the mask, so the loss is the same, on far fewer tokens)
