@@ -1821,6 +1821,8 @@ def train_ppo(args: Args, stop: StopOnSignal):
             probe_reference = probe["reference_response_token"].to(device)
             probe_reference_scores = get_score(reward_model, torch.cat((probe_queries, probe_reference), 1), pad,
                                                probe_queries.shape[1])
+            # their mean over every rank: the health monitor's probe gap subtracts it each update
+            probe_reference_mean = accelerator.gather(probe_reference_scores.float()).mean().item()
 
     # the health monitor, and the recipe changes its `continue` action made (kept in every state, so --resume
     # continues with them)
@@ -2145,8 +2147,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
             texts = accelerator.gather_for_metrics(
                 tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
             entropy_per_token = metrics["objective/entropy"] / max(metrics["objective/response_length"], 1.0)
-            probe_gap = (metrics["objective/validation_score"] - accelerator.gather(
-                probe_reference_scores.float()).mean().item()) if with_probe else None
+            probe_gap = metrics["objective/validation_score"] - probe_reference_mean if with_probe else None
             raw = health_raw(metrics["objective/eos_fraction"], metrics["objective/response_length"],
                              entropy_per_token, texts, probe_gap)
             if monitor.baseline is None:  # the first update samples the starting policy
