@@ -1442,6 +1442,9 @@ def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict
     accelerator.wait_for_everyone()
     model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
                           state_dict=state_dict)
+    # every rank's save_pretrained touches the folder (it creates and lists it), so none may still be inside it
+    # when the main process empties and removes it: a late rank would re-create it or fail to list it
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
         if extra is not None:
