@@ -85,6 +85,7 @@ Logger also writes the same number as `samples`). Each is a mean over the whole 
   ppo/policy/approxkl_avg     0.5 (log pi_new - log pi_old)^2;  ppo/policy/clipfrac_avg  clipped-ratio fraction
   ppo/policy/entropy_avg      entropy of the temperature-scaled next-token distribution
   ppo/loss/policy_avg, ppo/loss/value_avg, ppo/val/clipfrac_avg (value clipping), ppo/val/ratio, ppo/val/ratio_var
+  ppo/val/explained_variance  1 - Var(returns - values) / Var(returns) of the rollouts' value estimates (per rank)
   ppo/val/num_eos_tokens      EOS tokens in the raw (untruncated) rollouts per rank
   ppo/lr, ppo/episode, ppo/eps  LR, episodes, episodes per second (`eps` is the reference's name; Adam's epsilon is
                               the flag --adam_eps); time/episodes_per_second is the same number
@@ -640,6 +641,16 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened += mean
     return whitened
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the True positions (biased variances): 1 when the value model
+    predicts the GAE returns exactly, 0 when it does no better than their mean, negative when worse. 0 when the
+    returns do not vary (nothing to explain)."""
+    target = masked_var(returns, mask, unbiased=False)
+    if target.item() == 0:
+        return 0.0
+    return (1.0 - masked_var(returns - values, mask, unbiased=False) / target).item()
 
 
 def response_masks(postprocessed_responses: torch.Tensor, pad_token_id: int):
@@ -2111,6 +2122,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 "objective/score_total": non_score_reward.sum(1).mean() + scores.mean(),
                 "objective/scores": scores.mean(),
                 "objective/eos_fraction": contain_eos.float().mean(),
+                "ppo/val/explained_variance": torch.tensor(explained_variance(values, returns, ~value_padding_mask)),
                 "objective/response_length": (sequence_lengths + 1).float().mean(),
                 "ppo/val/num_eos_tokens": (responses == eos).sum().float(),
                 "check/ratio_first_minibatch": stats[stat_names.index("ratio"), 0, 0].mean(),

@@ -378,6 +378,15 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
                           f"(KL {kl[best]:.2f}) -> {gold_mean[-1]:.3f} at KL {kl[-1]:.2f}; RM score "
                           f"{rm_mean[0]:.3f} -> {rm_mean[best]:.3f} -> {rm_mean[-1]:.3f}."]
         lines += health_lines(d["ppo"])
+        if updates and os.path.exists(os.path.join(d["ppo"], "run_info.json")):
+            import health_curves
+
+            rows, limits = health_curves.health_rows(d["ppo"], val)
+            summary_path = os.path.join(d["ppo"], "health", "summary.json")
+            health_curves.plot_health(os.path.join(args.run_dir, "health_curves.png"), rows, limits,
+                                      json.load(open(summary_path)) if os.path.exists(summary_path) else None)
+            lines.append("Health signals against updates, each divided by its limit, with the probe's gold score "
+                         "(`health_curves.png`).")
     path = os.path.join(args.run_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -124,8 +124,9 @@ def test_the_stages_chain_end_to_end_on_a_tiny_model(tiny_model, corpus, tmp_pat
              "--probe_size", "2"])
     report = (run / "report.md").read_text()
     for line in ("| untrained |", "| SFT |", "| PPO |", "PPO against SFT, head to head", "| sft_vs_reference | 6 |",
-                 "| synthetic | 6 |", "Validation probe (2 prompts)"):
+                 "| synthetic | 6 |", "Validation probe (2 prompts)", "(`health_curves.png`)"):
         assert line in report, line
+    assert (run / "health_curves.png").stat().st_size > 0
     counts = {split: len(synth.read_jsonl(str(run / "rm_data" / f"{split}.jsonl"))) for split in ("train", "validation")}
     assert counts["validation"] == 12 and counts["train"] > 10
     rm_info = json.load(open(run / "rm" / "run_info.json"))

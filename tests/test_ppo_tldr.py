@@ -265,6 +265,18 @@ def test_masked_statistics():
     assert abs(kept[mask].mean().item() - values[mask].mean().item()) < 1e-4
 
 
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 9.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])  # the 9s are padding and must not count
+    assert math.isclose(P.explained_variance(returns.clone(), returns, mask), 1.0)  # exact values
+    assert abs(P.explained_variance(torch.full_like(returns, 2.5), returns, mask)) < 1e-6  # the mean: nothing
+    assert math.isclose(P.explained_variance(-returns, returns, mask), -3.0, rel_tol=1e-6)  # Var(2r) = 4 Var(r)
+    # 1 - Var(r - v) / Var(r) by hand: r = 1,2,3,4 (var 1.25), v = 1,2,3,3 -> r - v = 0,0,0,1 (var 0.1875)
+    values = torch.tensor([[1.0, 2.0, 0.0], [3.0, 3.0, 0.0]])
+    assert math.isclose(P.explained_variance(values, returns, mask), 1 - 0.1875 / 1.25, rel_tol=1e-6)
+    assert P.explained_variance(values, torch.ones_like(returns), mask) == 0.0  # constant returns
+
+
 def test_gae_matches_a_slow_reference_loop():
     adv, ret = P.compute_gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]), gamma=1.0, lam=0.5)
     assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5]]))

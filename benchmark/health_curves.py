@@ -1,0 +1,127 @@
+"""A PPO run's health signals and its validation probe against updates: a table and a PNG (README "Watching a run").
+
+Reads what `ppo_tldr.py` writes into its output folder: metrics.jsonl (the health/* signals of every update),
+samples/update_*.csv (the validation probe's responses and RM scores) and health/ (incidents, summary). Each check
+is drawn as its signal divided by its limit, so every check trips where its line crosses 1. On the offline task
+(`--data_dir`, the synthetic corpus) the probe's responses are also scored by the gold judge, which the monitor
+never sees: the figure then shows whether the monitor tripped before the gold score fell.
+
+    python benchmark/health_curves.py --ppo_dir runs/offline/ppo --data_dir data/tldr_synth
+"""
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from ppo_tldr import HEALTH_CHECKS as CHECKS  # noqa: E402  check name -> (metric, flag holding its limit)
+
+
+def health_rows(ppo_dir: str, examples: dict | None = None) -> tuple[list[dict], dict]:
+    """One row per update: the update, KL, each check's signal, the probe's mean RM score (of the policy the update
+    started from) and, with `examples` (the synthetic corpus by id), its mean gold score; and the limits."""
+    from offline_pipeline import gold_scores, load_csv, read_metrics
+
+    info = json.load(open(os.path.join(ppo_dir, "run_info.json")))
+    args = info.get("args", info)
+    limits = {name: args.get(flag) for name, (_, flag) in CHECKS.items()}
+    updates = [r for r in read_metrics(os.path.join(ppo_dir, "metrics.jsonl")) if "objective/scores" in r]
+    rows = []
+    for u, record in enumerate(updates, start=1):
+        row = {"update": u, "kl": record["objective/kl"],
+               **{name: record.get(metric) for name, (metric, _) in CHECKS.items()}}
+        probe = os.path.join(ppo_dir, "samples", f"update_{u:06d}.csv")
+        if os.path.exists(probe):
+            table = load_csv(probe)
+            row["probe_rm"] = sum(float(r["score"]) for r in table) / len(table)
+            if examples is not None:
+                row["probe_gold"] = sum(gold_scores(table, examples, "response")) / len(table)
+        rows.append(row)
+    return rows, limits
+
+
+def failing(row: dict, limits: dict) -> list[str]:
+    return [name for name, limit in limits.items() if limit is not None and row.get(name) is not None
+            and row[name] > limit]
+
+
+def plot_health(path: str, rows: list[dict], limits: dict, summary: dict | None = None) -> None:
+    """Top: the probe's RM and gold scores (the policy each update started from); bottom: signal / limit per
+    check, with the trip line at 1 and the updates where the monitor tripped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["update"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.2), sharex=True)
+    if any("probe_rm" in r for r in rows):
+        top.plot(x, [r.get("probe_rm") for r in rows], marker="s", markersize=3, color="tab:blue",
+                 label="probe RM score")
+    if any("probe_gold" in r for r in rows):
+        gold = top.twinx()
+        gold.plot(x, [r.get("probe_gold") for r in rows], marker="o", markersize=3, color="tab:green",
+                  label="probe gold score")
+        gold.set_ylabel("gold score (never seen by the monitor)", color="tab:green")
+    top.set_ylabel("RM score", color="tab:blue")
+    top.set_title("Validation probe, sampled before each update", fontsize=10)
+    top.grid(True, linestyle="--", alpha=0.5)
+    for name, limit in limits.items():
+        if limit is None or all(r.get(name) is None for r in rows):
+            continue
+        bottom.plot(x, [r[name] / limit if r.get(name) is not None else None for r in rows], marker="o",
+                    markersize=3, label=name)
+    bottom.axhline(1.0, color="black", linewidth=1)
+    for incident in (summary or {}).get("incidents", []):
+        for ax in (top, bottom):
+            ax.axvline(incident["update"], color="tab:red", linestyle=":", linewidth=1.5)
+    bottom.set_ylabel("signal / limit (trips above 1)")
+    bottom.set_xlabel("update")
+    bottom.set_title("Health checks" + (" (red: the monitor tripped)" if (summary or {}).get("incidents") else ""),
+                     fontsize=10)
+    bottom.grid(True, linestyle="--", alpha=0.5)
+    bottom.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ppo_dir", required=True, help="a ppo_tldr.py output folder")
+    p.add_argument("--data_dir", help="the synthetic corpus (offline task): adds the probe's gold score")
+    p.add_argument("--out", help="PNG path (default <ppo_dir>/health/health_curves.png)")
+    args = p.parse_args(argv)
+    examples = None
+    if args.data_dir:
+        import tldr_synth
+
+        examples = {r["id"]: r for r in tldr_synth.read_jsonl(os.path.join(args.data_dir, "sft", "validation.jsonl"))}
+    rows, limits = health_rows(args.ppo_dir, examples)
+    if not rows:
+        raise SystemExit(f"{args.ppo_dir}/metrics.jsonl has no finished update")
+    summary_path = os.path.join(args.ppo_dir, "health", "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
+    names = [n for n in CHECKS if limits[n] is not None and any(r.get(n) is not None for r in rows)]
+    header = (["update"] + ([] if "kl" in names else ["kl"]) + ["probe_rm"] + (["probe_gold"] if examples else [])
+              + names + ["failing"])
+    print(" | ".join(header))
+    for r in rows:
+        cells = [str(r["update"])] + [f"{r[k]:.3f}" if r.get(k) is not None else "" for k in header[1:-1]]
+        print(" | ".join(cells + [",".join(failing(r, limits)) or "-"]))
+    if summary:
+        print(f"kept policy: update {summary['kept_policy_update']}; incidents: "
+              + ("; ".join(f"update {i['update']} ({', '.join(i['tripped'])}) -> last healthy update "
+                           f"{i['last_healthy_update']}" for i in summary["incidents"]) or "none"))
+    out = args.out or os.path.join(args.ppo_dir, "health", "health_curves.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    plot_health(out, rows, limits, summary)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
