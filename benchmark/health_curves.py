@@ -26,6 +26,9 @@ def health_rows(ppo_dir: str, examples: dict | None = None) -> tuple[list[dict],
     started from) and, with `examples` (the synthetic corpus by id), its mean gold score; and the limits."""
     from offline_pipeline import gold_scores, load_csv, read_metrics
 
+    for name in ("run_info.json", "metrics.jsonl"):
+        if not os.path.exists(os.path.join(ppo_dir, name)):
+            raise SystemExit(f"{ppo_dir} is not a ppo_tldr.py output folder, or has not started: no {name}")
     info = json.load(open(os.path.join(ppo_dir, "run_info.json")))
     args = info.get("args", info)
     limits = {name: args.get(flag) for name, (_, flag) in CHECKS.items()}
