@@ -15,8 +15,8 @@ The reward model trains on a mix, as the paper's did: synthetic comparisons (the
 summary or a systematic variant) and pairs of the SFT policy's own samples on training posts (two samples of
 a post against each other and each against the reference), labelled by the same noisy judge.
 
-    python benchmark/offline_pipeline.py --run_dir runs/offline                      # default profile (about an hour
-                                                                                     # on a 2-core AVX-512 CPU, fp32)
+    python benchmark/offline_pipeline.py --run_dir runs/offline                      # default profile (55 min on a
+                                                                                     # 2-core Xeon in fp32, README)
     python benchmark/offline_pipeline.py --profile full --run_dir runs/offline_full  # longer PPO, clearer curves
     python benchmark/offline_pipeline.py --run_dir runs/offline --stages report      # redo the report only
 
