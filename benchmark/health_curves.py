@@ -22,24 +22,25 @@ from ppo_tldr import HEALTH_CHECKS as CHECKS  # noqa: E402  check name -> (metri
 
 
 def health_rows(ppo_dir: str, examples: dict | None = None) -> tuple[list[dict], dict]:
-    """One row per update: the update, KL, each check's signal, the probe's mean RM score (of the policy the update
-    started from) and, with `examples` (the synthetic corpus by id), its mean gold score; and the limits."""
+    """One row per update: the update, its rollouts' KL, each check's signal, the probe's size and mean RM score (of
+    the policy the update started from) and, with `examples` (the synthetic corpus by id), its mean gold score; and
+    the limits."""
     from offline_pipeline import gold_scores, load_csv, read_metrics
 
     for name in ("run_info.json", "metrics.jsonl"):
         if not os.path.exists(os.path.join(ppo_dir, name)):
             raise SystemExit(f"{ppo_dir} is not a ppo_tldr.py output folder, or has not started: no {name}")
-    info = json.load(open(os.path.join(ppo_dir, "run_info.json")))
-    args = info.get("args", info)
+    args = json.load(open(os.path.join(ppo_dir, "run_info.json")))["args"]
     limits = {name: args.get(flag) for name, (_, flag) in CHECKS.items()}
     updates = [r for r in read_metrics(os.path.join(ppo_dir, "metrics.jsonl")) if "objective/scores" in r]
     rows = []
     for u, record in enumerate(updates, start=1):
-        row = {"update": u, "kl": record["objective/kl"],
+        row = {"update": u, "objective_kl": record["objective/kl"],
                **{name: record.get(metric) for name, (metric, _) in CHECKS.items()}}
         probe = os.path.join(ppo_dir, "samples", f"update_{u:06d}.csv")
         if os.path.exists(probe):
             table = load_csv(probe)
+            row["probe_n"] = len(table)
             row["probe_rm"] = sum(float(r["score"]) for r in table) / len(table)
             if examples is not None:
                 row["probe_gold"] = sum(gold_scores(table, examples, "response")) / len(table)
@@ -110,8 +111,8 @@ def main(argv=None) -> None:
     summary_path = os.path.join(args.ppo_dir, "health", "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
     names = [n for n in CHECKS if limits[n] is not None and any(r.get(n) is not None for r in rows)]
-    header = (["update"] + ([] if "kl" in names else ["kl"]) + ["probe_rm"] + (["probe_gold"] if examples else [])
-              + names + ["failing"])
+    header = (["update"] + ([] if "kl" in names else ["objective_kl"]) + ["probe_rm"]
+              + (["probe_gold"] if examples else []) + names + ["failing"])
     print(" | ".join(header))
     for r in rows:
         cells = [str(r["update"])] + [f"{r[k]:.3f}" if r.get(k) is not None else "" for k in header[1:-1]]

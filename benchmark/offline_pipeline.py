@@ -354,34 +354,29 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
                       f"{updates[-1]['objective/scores']:.3f}, KL {updates[-1]['objective/kl']:.3f}, EOS rate "
                       f"{updates[-1]['objective/eos_fraction']:.2f}, "
                       f"{updates[-1]['time/episodes_per_second']:.3f} episodes/s."]
-        # the probe's gold and RM scores over training, against the KL: the over-optimisation curve
-        sample_dir = os.path.join(d["ppo"], "samples")
-        if updates and os.path.isdir(sample_dir):
-            kl_by_update = {i + 1: r["objective/kl"] for i, r in enumerate(updates)}
-            steps, kl, rm_mean, gold_mean = [], [], [], []
-            for name in sorted(os.listdir(sample_dir)):
-                step = int(name.split("_")[1].split(".")[0])
-                if step not in kl_by_update:
-                    continue
-                table = load_csv(os.path.join(sample_dir, name))
-                steps.append(step)
-                # the probe runs before the update's rollouts: the policy it samples is that of the previous
-                # update, whose rollouts' KL is the one logged one update earlier (0 before the first update)
-                kl.append(kl_by_update.get(step - 1, 0.0))
-                rm_mean.append(sum(r["score"] for r in table) / len(table))
-                gold_mean.append(sum(gold_scores(table, val, "response")) / len(table))
-            if steps:
-                plot_overoptimisation(os.path.join(args.run_dir, "gold_vs_kl.png"), kl, gold_mean, rm_mean)
-                best = peak_update(gold_mean)
-                lines += ["", f"Validation probe ({len(table)} prompts) over training (`gold_vs_kl.png`): gold "
-                          f"score {gold_mean[0]:.3f} at KL 0 -> best {gold_mean[best]:.3f} at update {steps[best]} "
-                          f"(KL {kl[best]:.2f}) -> {gold_mean[-1]:.3f} at KL {kl[-1]:.2f}; RM score "
-                          f"{rm_mean[0]:.3f} -> {rm_mean[best]:.3f} -> {rm_mean[-1]:.3f}."]
-        lines += health_lines(d["ppo"])
+        # the probe's gold and RM scores over training, against the KL: the over-optimisation curve; the same
+        # per-update rows (probe scores and health signals) feed the health figure
+        rows = None
         if updates and os.path.exists(os.path.join(d["ppo"], "run_info.json")):
             import health_curves
 
             rows, limits = health_curves.health_rows(d["ppo"], val)
+            probed = [r for r in rows if "probe_gold" in r]
+            if probed:
+                # the probe runs before the update's rollouts: the policy it samples is that of the previous
+                # update, whose rollouts' KL is the one logged one update earlier (0 before the first update)
+                kl_by_update = {r["update"]: r["objective_kl"] for r in rows}
+                steps = [r["update"] for r in probed]
+                kl = [kl_by_update.get(step - 1, 0.0) for step in steps]
+                rm_mean, gold_mean = [r["probe_rm"] for r in probed], [r["probe_gold"] for r in probed]
+                plot_overoptimisation(os.path.join(args.run_dir, "gold_vs_kl.png"), kl, gold_mean, rm_mean)
+                best = peak_update(gold_mean)
+                lines += ["", f"Validation probe ({probed[-1]['probe_n']} prompts) over training (`gold_vs_kl.png`): "
+                          f"gold score {gold_mean[0]:.3f} at KL 0 -> best {gold_mean[best]:.3f} at update "
+                          f"{steps[best]} (KL {kl[best]:.2f}) -> {gold_mean[-1]:.3f} at KL {kl[-1]:.2f}; RM score "
+                          f"{rm_mean[0]:.3f} -> {rm_mean[best]:.3f} -> {rm_mean[-1]:.3f}."]
+        lines += health_lines(d["ppo"])
+        if rows is not None:
             summary_path = os.path.join(d["ppo"], "health", "summary.json")
             health_curves.plot_health(os.path.join(args.run_dir, "health_curves.png"), rows, limits,
                                       json.load(open(summary_path)) if os.path.exists(summary_path) else None)

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = r'''
-import os, sys, time
+import sys, time
 sys.path.insert(0, sys.argv[1])
 import importlib
 from accelerate import Accelerator
@@ -28,9 +28,6 @@ if not accelerator.is_main_process:  # the other rank is still busy when the mai
         return original(*a, **k)
     model.save_pretrained = late_save
 stage.save_model_atomic(model, tokenizer, out, accelerator)
-accelerator.wait_for_everyone()
-if accelerator.is_main_process:
-    print("LEFT", sorted(os.listdir(out)))
 '''
 
 
