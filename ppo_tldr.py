@@ -214,6 +214,11 @@ class Args:
     """PPO epochs over each batch of rollouts [N+ 1.D.3]"""
     nminibatches: int = 1
     """minibatches per PPO epoch; one optimizer step each [N+ 1.D.3, 1.D.4]"""
+    critic_warmup_updates: int = 0
+    """updates at the start that train the value model only: the policy's learning rate is 0 and its loss weight 0,
+    so rollouts keep coming from the SFT policy while the value model, initialised from the RM (trained on the last
+    token only), learns per-token values; the policy's LR schedule starts after them. Not in the paper (0); peers
+    call it critic warm-up or actor freezing"""
 
     # --- optimisation
     learning_rate: float = 3e-6
@@ -346,6 +351,9 @@ def derive(args: Args, world_size: int) -> Derived:
         raise ValueError(f"per-process minibatch {local_mini_batch_size} is too small to whiten rewards (need >= 8)")
     if args.keep_states < 1:
         raise ValueError(f"--keep_states {args.keep_states}: keep at least the newest state")
+    if not 0 <= args.critic_warmup_updates < num_updates:
+        raise ValueError(f"--critic_warmup_updates {args.critic_warmup_updates} must be >= 0 and leave at least one "
+                         f"of the run's {num_updates} updates to the policy")
     if args.penalty_reward_value is not None and args.missing_eos_penalty is not None:
         raise ValueError("choose one missing-EOS rule: --penalty_reward_value (replace) or --missing_eos_penalty "
                          "(subtract, with --penalty_reward_value None)")
@@ -641,6 +649,18 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened += mean
     return whitened
+
+
+def learning_rates(learning_rate: float, update: int, num_updates: int, anneal: bool,
+                   critic_warmup_updates: int = 0) -> tuple[float, float]:
+    """(policy LR, value-model LR) of a 1-based update. [N+ 1.D.2] linear annealing, lr * (1 - (update-1)/updates),
+    set by hand at the start of every update; with --critic_warmup_updates W the first W updates give the policy LR 0
+    and the value model the full LR, and the annealing runs over the remaining updates (W = 0: the paper)."""
+    if update <= critic_warmup_updates:
+        return 0.0, learning_rate
+    done, total = update - 1 - critic_warmup_updates, num_updates - critic_warmup_updates
+    lr = learning_rate * (1.0 - done / total if anneal else 1.0)
+    return lr, lr
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -1793,9 +1813,12 @@ def train_ppo(args: Args, stop: StopOnSignal):
         for m in (policy, critic.model):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyAndValueWrapper(policy, critic)
-    # [N+ 1.D.2] one AdamW for both networks, so one LR; torch's default betas and weight decay
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay, **{args.adam_impl: True})
+    # [N+ 1.D.2] one AdamW for both networks, so one LR; torch's default betas and weight decay. Two parameter
+    # groups with the same settings (the same update rule) so that --critic_warmup_updates can hold the policy still
+    optimizer = torch.optim.AdamW([{"params": list(model.policy.parameters())},
+                                   {"params": list(model.critic.parameters())}],
+                                  lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
+                                  **{args.adam_impl: True})
 
     # [N+ 1.D.22] policy + value in the DeepSpeed engine (ZeRO-2 in the paper); no clipping unless --max_grad_norm
     ds_config = configure_deepspeed(accelerator, args.local_micro_batch_size, args.max_grad_norm)
@@ -1933,11 +1956,13 @@ def train_ppo(args: Args, stop: StopOnSignal):
     for update in progress:
         update_start = device_time()
         episode += args.batch_size
-        # [N+ 1.D.2] linear annealing by hand, at the start of every update
-        lrnow = args.learning_rate * (1.0 - (update - 1.0) / derived.num_updates if args.anneal_lr else 1.0)
-        lrnow *= health["lr_scale"]  # 1 unless the health monitor's `continue` lowered it
-        for group in optimizer.param_groups:
-            group["lr"] = lrnow
+        # [N+ 1.D.2] linear annealing by hand, at the start of every update (policy LR 0 in a critic warm-up)
+        lrs = learning_rates(args.learning_rate, update, derived.num_updates, args.anneal_lr,
+                             args.critic_warmup_updates)
+        lrnow, lr_value = (lr * health["lr_scale"] for lr in lrs)  # scale 1 unless the monitor's `continue` lowered it
+        warming_up = update <= args.critic_warmup_updates
+        for group, lr in zip(optimizer.param_groups, (lrnow, lr_value)):
+            group["lr"] = lr
         rows = prompt_indices(len(train_queries), args.seed, data_position, args.batch_size)
         data_position += args.batch_size
         local_rows = rows[accelerator.process_index * local_batch_size :][:local_batch_size]
@@ -2079,7 +2104,9 @@ def train_ppo(args: Args, stop: StopOnSignal):
                         pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, mb_logprobs, mb_advantages,
                                                                  ~mb_padding_mask, args.cliprange)
                         # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
-                        loss = pg_loss + args.vf_coef * vf_loss
+                        # (in a critic warm-up the policy's gradient is 0, not absent: every parameter still gets
+                        # one, as distributed training expects, and AdamW's moments of the policy stay 0)
+                        loss = (0.0 if warming_up else 1.0) * pg_loss + args.vf_coef * vf_loss
                         stop_if_diverged({"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss},
                                          f"update {update} (episode {episode}), PPO epoch {ppo_epoch_idx}, minibatch "
                                          f"{minibatch_idx}, micro-batch {ga_idx}",
@@ -2156,7 +2183,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
                 "ppo/val/ratio_var": s["ratio"].var().item() if s["ratio"].numel() > 1 else 0.0,
             })
             episodes_per_second = (episode - start_episode) / (time.time() - start_time)
-            metrics.update({"ppo/lr": lrnow, "ppo/episode": episode, "ppo/eps": int(episodes_per_second),
+            metrics.update({"ppo/lr": lrnow, "ppo/lr_value": lr_value, "ppo/episode": episode, "ppo/eps": int(episodes_per_second),
                             "time/episodes_per_second": episodes_per_second, "time/peak_memory_gib": peak_memory_gib()})
             # ---- health monitor: judge-free signals of this update's rollouts (README "Watching a run")
             texts = accelerator.gather_for_metrics(

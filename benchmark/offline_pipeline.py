@@ -49,10 +49,11 @@ STAGES = ("model", "data", "base", "sft", "samples", "rm", "ppo", "report")
 PROFILES = {
     "default": dict(eval_samples=200, sft_episodes=192, sft_batch=8, sft_lr=1e-4, sample_prompts=48,
                     rm_synthetic_pairs=48, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=64, rm_eval_model=100,
-                    ppo_episodes=96, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, probe_size=16),
+                    ppo_episodes=96, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=0, probe_size=16),
     "full": dict(eval_samples=200, sft_episodes=384, sft_batch=8, sft_lr=1e-4, sample_prompts=128,
                  rm_synthetic_pairs=128, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
-                 ppo_episodes=256, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, probe_size=16),
+                 ppo_episodes=256, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=0,
+                 probe_size=16),
 }
 # PPO's training micro-batch and rollout chunk, and the evaluations' sampling batch. On a 2-core Xeon (AVX-512, no
 # AMX) the forward+backward of 8 sequences of 190 tokens took 6.1-6.6 s in one micro-batch against 7.7-9.1 s one at
@@ -90,6 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--ppo_lr", type=float, help="PPO learning rate (3e-5 against the default RM stopped every rollout's "
                    "EOS within 3 updates; 3e-6 over 10 updates of 8 drifted: KL 1.9, probe gold 0.53 -> 0.47)")
     p.add_argument("--ppo_kl_coef", type=float, help="PPO KL coefficient (paper 0.05)")
+    p.add_argument("--ppo_critic_warmup", type=int, help="PPO updates at the start that train the value model only")
     p.add_argument("--probe_size", type=int, help="validation prompts sampled and judged before every PPO update")
     args = p.parse_args(argv)
     for key, value in PROFILES[args.profile].items():
@@ -514,7 +516,8 @@ def main(argv=None) -> None:
                   str(args.ppo_batch), "--local_micro_batch_size", str(min(PPO_MICRO_BATCH, args.ppo_batch)),
                   "--local_rollout_forward_batch_size", str(min(PPO_ROLLOUT_CHUNK, args.ppo_batch)),
                   "--learning_rate", str(args.ppo_lr),
-                  "--kl_coef", str(args.ppo_kl_coef), "--eval_splits", "validation", "--sample_every", "1",
+                  "--kl_coef", str(args.ppo_kl_coef), "--critic_warmup_updates", str(args.ppo_critic_warmup),
+                  "--eval_splits", "validation", "--sample_every", "1",
                   "--validation_probe_size", str(args.probe_size), "--stop_generation_at_eos", "--skip_after_eos",
                   # the health monitor rolls back to the last healthy policy: a state after every update, 3 kept
                   "--save_every", "1", "--keep_states", "3",

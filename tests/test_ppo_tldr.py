@@ -277,6 +277,41 @@ def test_explained_variance():
     assert P.explained_variance(values, torch.ones_like(returns), mask) == 0.0  # constant returns
 
 
+def test_learning_rates_anneal_and_hold_the_policy_still_in_a_critic_warm_up():
+    # the paper: linear annealing over all updates, the same LR for both networks [N+ 1.D.2]
+    assert [P.learning_rates(1.0, u, 4, True) for u in (1, 2, 4)] == [(1.0, 1.0), (0.75, 0.75), (0.25, 0.25)]
+    assert P.learning_rates(1.0, 3, 4, False) == (1.0, 1.0)
+    # two warm-up updates of six: the value model alone trains at the full LR, then the policy's schedule starts
+    lrs = [P.learning_rates(1.0, u, 6, True, critic_warmup_updates=2) for u in range(1, 7)]
+    assert lrs == [(0.0, 1.0), (0.0, 1.0), (1.0, 1.0), (0.75, 0.75), (0.5, 0.5), (0.25, 0.25)]
+    args = P.Args(sft_model_path="s", reward_model_path="r", batch_size=8, local_micro_batch_size=8,
+                  validation_probe_size=8, total_episodes=16, critic_warmup_updates=2)
+    with pytest.raises(ValueError, match="critic_warmup_updates 2 .* 2 updates"):
+        P.derive(args, 1)
+
+
+def test_a_critic_warm_up_trains_the_value_model_and_leaves_the_policy_exactly_as_it_was(llama_chain, sft_data,
+                                                                                        tmp_path):
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    records = run_ppo(llama_chain, sft_data, out, save_every=1, run_eval=False, sample_every=0, learning_rate=1e-3,
+                      total_episodes=24, anneal_lr=False, critic_warmup_updates=1)
+    first, second = (load_file(os.path.join(out, "checkpoints", f"update_{u:06d}", "model.safetensors"))
+                     for u in (1, 2))
+    start = load_file(os.path.join(llama_chain[0], "model.safetensors"))
+    policy = {k.removeprefix("policy."): v for k, v in first.items() if k.startswith("policy.")}
+    assert set(policy) >= set(start)  # the SFT weights, bit for bit, after the warm-up update
+    assert all(torch.equal(policy[k], start[k]) for k in start)
+    assert any(not torch.equal(policy[k], second["policy." + k]) for k in start)  # the policy trains after it
+    critic = [k for k in first if k.startswith("critic.")]
+    assert any(not torch.equal(first[k], second[k]) for k in critic)
+    start_rm = load_file(os.path.join(llama_chain[1], "model.safetensors"))
+    assert any(not torch.equal(first["critic.model." + k], v) for k, v in start_rm.items() if "critic.model." + k in first)
+    lrs = [(r["ppo/lr"], r["ppo/lr_value"]) for r in training_records(records)]
+    assert lrs == [(0.0, 1e-3), (1e-3, 1e-3), (1e-3, 1e-3)]
+
+
 def test_gae_matches_a_slow_reference_loop():
     adv, ret = P.compute_gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]), gamma=1.0, lam=0.5)
     assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5]]))
