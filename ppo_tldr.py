@@ -19,42 +19,6 @@ What it does, top to bottom:
      `{validation,test}_table.csv` (id, query, response, reference, score, reference_score), the input of win-rate
      judging [N+ 1.D.25].
 
-Deviations from the reference code (each deliberate; none changes the algorithm):
-  * Every forward pass gets `position_ids` counted over real tokens (`position_ids_from_mask`) [N+ 1.D.23]. The
-    reference passes none, which is harmless only for rotary models (Pythia); with absolute positions (GPT-2)
-    left padding would shift them and the PPO ratio would not start at 1.
-  * Generation clears EOS on the policy's generation config and sets no `min_new_tokens`: with transformers 5 the
-    reference's `min_new_tokens == max_new_tokens` plus an EOS id restored from the model's config would make EOS
-    unsampleable (transformers#42762). Rollouts are still exactly 53 tokens.
-  * Metrics are masked means over real tokens. The reference averages `approxkl`, `clipfrac`, `entropy` and
-    `ratio` over padding too, and `objective/entropy` counts every pad as -1 (pads hold INVALID_LOGPROB=1); those
-    N+-comparable values are logged under the same name plus `_with_padding`. `ppo/val/num_eos_tokens` is the
-    mean over ranks instead of rank 0's count.
-  * Prompt order: every pass over the train split is a permutation drawn from the global seed, identical on all
-    ranks, and each update takes the next 512 prompts of that stream (rank r takes its contiguous share). The
-    reference uses a shuffled DataLoader seeded the same way [N+ 1.D.5]; the stream makes the data position one
-    integer, so `--resume` is exact.
-  * The validation probe is the first `--validation_probe_size` (16) validation queries split across ranks; the
-    reference takes `local_eval_batch_size=2` per rank, also 16 on its 8 GPUs. Their reference-summary scores are
-    computed once (the RM is frozen) instead of every update.
-  * Left-padding columns that are padding in a whole (micro-)batch are dropped before every forward. With
-    mask-derived positions this changes no result; it only skips work.
-  * `masked_mean` of an empty mask is 0 instead of NaN (a micro-batch whose responses are all padding must not
-    poison the update); `masked_var` raises on an empty mask and on an unbiased variance of one value.
-  * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
-    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set (the same in
-    every stage, `configure_deepspeed`).
-  * Tables are CSV files with decoded text (special tokens removed) instead of `datasets.save_to_disk` folders.
-  * The reference and training forwards compute the LM head only on the R+1 last positions (`logits_to_keep`), the
-    only ones whose log-probs are read (--response_logits_only): same log-probs, 9% less time per update for
-    SmolLM2 on CPU. Under bf16 autocast the LM and value/reward heads run in fp32 (--fp32_heads).
-  * CPU only: under bf16 autocast the models use eager attention instead of SDPA (--attn_implementation; torch's
-    CPU flash kernel with a padding mask is slower there), and freed host memory is kept for reuse
-    (--keep_freed_memory). Together 17% less time per bf16 update for SmolLM2 (README "Throughput").
-  * Prompts are checked as SFT rows: malformed rows and repeated ids are errors, empty posts or summaries skipped.
-  * Optional (--skip_after_eos, off): the scoring and training forwards stop at EOS+1 of the longest response of
-    their chunk or micro-batch; causal attention keeps every position a loss reads, so the losses are the same.
-
 Launch:
   python ppo_tldr.py --sft_model_path runs/sft --reward_model_path runs/rm      # paper defaults, one GPU (GA 32)
   accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml ppo_tldr.py \
@@ -64,38 +28,12 @@ Launch:
   python ppo_tldr.py --sft_model_path runs/sft_smoke --reward_model_path runs/rm_smoke --dataset data/tldr_synth/sft \
       --batch_size 8 --local_micro_batch_size 4 --total_episodes 32 --max_eval_samples 8   # tiny CPU run
 
-Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
-newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
-(143/130); a NaN or Inf score, value, log-prob, reward, advantage or loss stops the run at once, naming the quantity
-and the step, and saves the last good state when the weights are still those of the previous update. Malformed rows
-are errors naming the row; rows with an empty post or summary are skipped, counted (data/<split>/skipped/<reason>).
-Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
-cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
-the final model is written atomically.
-
-Metrics (appended to <output_dir>/metrics.jsonl; x-axis `episodes` = rollouts so far, in every record; the shared
-Logger also writes the same number as `samples`). Each is a mean over the whole update, gathered across ranks:
-  objective/scores            RM score of the truncated rollouts, after the missing-EOS penalty
-  objective/validation_score  RM score of the T=0.01 validation probe (no penalty, as the reference)
-  objective/kl                per-sequence sum of the KL estimate (k1 by default) over real tokens
-  objective/non_score_reward  per-sequence sum of -kl_coef * KL;  objective/score_total = that + scores
-  objective/entropy           per-sequence sum of -log pi(token) over real tokens (sampled entropy estimate);
-                              objective/entropy_with_padding: the reference's value, where each pad adds -1
-  objective/eos_fraction      fraction of rollouts containing EOS;  objective/response_length  tokens incl. EOS
-  ppo/policy/approxkl_avg     0.5 (log pi_new - log pi_old)^2;  ppo/policy/clipfrac_avg  clipped-ratio fraction
-  ppo/policy/entropy_avg      entropy of the temperature-scaled next-token distribution
-  ppo/loss/policy_avg, ppo/loss/value_avg, ppo/val/clipfrac_avg (value clipping), ppo/val/ratio, ppo/val/ratio_var
-  ppo/val/explained_variance  1 - Var(returns - values) / Var(returns) of the rollouts' value estimates (per rank)
-  ppo/val/num_eos_tokens      EOS tokens in the raw (untruncated) rollouts per rank
-  ppo/lr, ppo/episode, ppo/eps  LR, episodes, episodes per second (`eps` is the reference's name; Adam's epsilon is
-                              the flag --adam_eps); time/episodes_per_second is the same number
-  check/ratio_first_minibatch, check/approxkl_first_minibatch, check/max_abs_logprob_diff_first_minibatch
-                              the first minibatch of the first epoch is on-policy: ratio 1, approxkl ~0 [N+ 1.D.7]
-  time/generation, time/scoring, time/training, time/validation_probe, time/update (seconds per update; update =
-                              all of it up to logging), time/peak_memory_gib (process peak so far)
-  perf/generated_tokens, perf/training_tokens, perf/training_attention_pairs   per process and update: sampled
-                              tokens, token positions through the training forwards (sum of b*T), and sum of b*T^2
-  eval/{split}/score, eval/{split}/reference_score, eval/{split}/response_length   after training [N+ 1.D.25]
+Deviations from the reference code (mask-derived positions, EOS-safe generation, masked metrics, a prompt stream
+for exact resume, ...), fault handling and every metric: README "Stage notes", `ppo_tldr.py`. The metrics to watch
+(<output_dir>/metrics.jsonl, x-axis `episodes` = rollouts so far; each a mean over the update and the ranks):
+objective/scores (RM score of the rollouts), objective/kl, objective/response_length, objective/eos_fraction,
+objective/validation_score (the fixed probe), ppo/val/explained_variance, check/ratio_first_minibatch (1 on policy)
+and the health/* signals (README "Watching a run").
 """
 
 import copy
@@ -436,111 +374,6 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     any tokenizer. A cut response loses its EOS; callers count such rows and log them."""
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
     return ids[:response_length], len(ids) > response_length
-
-
-def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
-    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
-    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
-    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
-    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
-    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
-
-    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
-    Local split files load one at a time: a joint load would impose the first file's column types on every split
-    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
-    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
-    file) are errors naming `flag`, the file and the line."""
-    import datasets
-
-    exts = (".jsonl", ".json", ".parquet")
-    if not os.path.isdir(dataset):
-        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
-                   else hub_problem(dataset, "dataset"))
-        if problem:
-            raise ValueError(f"{flag} {dataset}: {problem}")
-    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
-    if not files:
-        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
-                                              for _, _, names in os.walk(dataset) for f in names):
-            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
-        try:
-            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
-        except RuntimeError as e:
-            if "scripts are no longer supported" not in str(e):
-                raise
-            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
-                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
-                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
-    splits = {}
-    for fname in files:
-        stem, ext = os.path.splitext(fname)
-        if stem in splits:
-            raise ValueError(f"{dataset}: two files for split {stem!r}")
-        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
-        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
-            rows = 0
-            with open(path, "rb") as f:
-                for line_number, line in enumerate(f, 1):
-                    try:
-                        text = line.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
-                                         f"{e.start} of the line)") from None
-                    rows += bool(text.strip())
-                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
-                        try:
-                            json.loads(text)
-                        except ValueError as e:
-                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
-                                             f"file?)") from None
-            if not rows:
-                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
-        try:
-            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
-        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
-            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
-    return datasets.DatasetDict(splits)
-
-
-def sft_row_problem(row: dict, name: str) -> Optional[str]:
-    """Why an SFT row is skipped (None: keep it); a ValueError naming the row when it is malformed.
-
-    Malformed, an error (the data is not in the hub schema): subreddit, title, post or summary not a string (a
-    number, a list, null), an id that is neither a string nor an integer. Skipped, counted and logged (well-formed
-    but nothing to learn from): an empty post ("empty_post") and an empty summary ("empty_summary"), whose reference
-    response would be a bare EOS."""
-    bad = {k: row[k] for k in ("subreddit", "title", "post", "summary") if not isinstance(row[k], str)}
-    if bad or isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
-        raise ValueError(f"{name}: id must be a string or an integer and subreddit, title, post, summary strings; "
-                         f"got {({'id': row['id'], **bad})!r:.300}")
-    if not row["post"].strip():
-        return "empty_post"
-    if not row["summary"].strip():
-        return "empty_summary"
-    return None
-
-
-def drop_bad_rows(dataset):
-    """Check every split's rows before use: a missing column, a malformed row or a repeated id is an error naming the
-    split and row; rows with an empty post or summary are dropped and counted by reason in
-    skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
-    from collections import Counter
-
-    required = ("id", "subreddit", "title", "post", "summary")
-    skipped = {}
-    for split, ds in dataset.items():
-        missing = [c for c in required if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
-        repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
-        if repeated:  # the same post twice is a data-preparation error: trained, sampled or evaluated twice
-            rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
-            raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
-        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
-        skipped[split] = dict(Counter(r for r in reasons if r))
-        if skipped[split]:
-            dataset[split] = ds.select([i for i, r in enumerate(reasons) if not r])
-    return dataset, skipped
 
 
 def tokenize_queries(dataset, tokenizer, args: Args):
@@ -1070,635 +903,10 @@ def failing_checks(signals: dict, thresholds: dict) -> dict:
     return failing
 
 
-class HealthMonitor:
-    """Counts, per check, the consecutive updates it failed; `observe` returns the checks that reached `patience`.
-    Its state (streaks, the baseline and the signal history) goes into every resumable state."""
-
-    def __init__(self, thresholds: dict, patience: int):
-        self.thresholds, self.patience = thresholds, patience
-        self.streak = {name: 0 for name in HEALTH_CHECKS}
-        self.history: list[dict] = []  # {"update": u, **signals}
-        self.baseline: Optional[dict] = None
-
-    def observe(self, update: int, signals: dict) -> dict:
-        self.history.append({"update": update, **signals})
-        failing = failing_checks(signals, self.thresholds)
-        for name in self.streak:
-            self.streak[name] = self.streak[name] + 1 if name in failing else 0
-        return {name: failing[name] for name in failing if self.streak[name] >= self.patience}
-
-    def trouble_began(self, tripped: dict) -> int:
-        """The first update of the longest failing streak among the tripped checks."""
-        return self.history[-1]["update"] - max(self.streak[name] for name in tripped) + 1
-
-    def reset(self) -> None:
-        self.streak = {name: 0 for name in HEALTH_CHECKS}
-
-    def state_dict(self) -> dict:
-        return {"streak": self.streak, "history": self.history, "baseline": self.baseline}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.streak, self.history, self.baseline = dict(state["streak"]), list(state["history"]), state["baseline"]
-
-
-def healthy_update(trouble_began: int) -> int:
-    """The newest update whose policy is known healthy. Update u's rollouts come from the policy of the end of update
-    u - 1, so the first failing rollouts (update s) indict the policy of update s - 1, and the last policy whose
-    rollouts passed is that of update s - 2 (0: the starting policy)."""
-    return max(trouble_began - 2, 0)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Logging, provenance and resumable training state
+# Training: the stage itself, read top to bottom
 # ---------------------------------------------------------------------------------------------------------
-
-
-class Logger:
-    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
-
-    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.is_main = is_main
-        self.wandb = None
-        if is_main and args.track:
-            import wandb
-
-            self.wandb = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
-            )
-
-    def log(self, metrics: dict, samples: int) -> None:
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({"samples": samples, **metrics})
-
-    def table(self, name: str, df) -> None:
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({name: wandb.Table(dataframe=df)})
-
-
-def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
-    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    versions = {}
-    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
-        try:
-            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
-        except ImportError:
-            pass
-    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
-    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
-            "python": platform.python_version(), "versions": versions}
-    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-
-
-def make_accelerator():
-    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
-
-    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
-    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
-    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
-    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    on_cpu = not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
-    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
-
-
-def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
-    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
-    `deepspeed.initialize`; returns that config (None without DeepSpeed).
-
-    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
-    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
-    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
-    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return None
-    ds_config = plugin.deepspeed_config
-    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
-    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
-    return ds_config
-
-
-def write_deepspeed_config(accelerator, output_dir: str) -> None:
-    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and accelerator.is_main_process:
-        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def attention_kernel(requested: Optional[str], device_type: str, mixed_precision: str) -> str:
-    """SDPA (flash / memory-efficient kernels on GPU, flash on CPU in fp32), except under bf16/fp16 autocast on CPU:
-    there, for SmolLM2's training shape (8 x 253 tokens, 9 heads of 64, left padding), forward + backward of one
-    layer takes 31 ms with torch's SDPA kernel and a mask, 20 ms with eager matmuls and a softmax; in fp32 SDPA is
-    the faster (27 ms against 41 ms). `python benchmark/bf16_cpu_checks.py attention`"""
-    if requested is not None:
-        return requested
-    return "eager" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "sdpa"
-
-
-def keep_freed_host_memory() -> bool:
-    """Tell glibc's malloc to serve every allocation from its heap and never give freed memory back to the OS.
-
-    By default glibc maps large blocks (above a threshold that adapts from 128 KiB up to 32 MiB), such as an embedding
-    gradient or a (B, R, V) logits tensor, fresh from the OS and unmaps them when freed, so every training step pays
-    the kernel for zeroing and faulting those pages in again:
-    30 ms for a fresh 113 MiB tensor here against 3 ms for a reused one; without this setting the bf16 training step
-    of SmolLM2 PPO on CPU takes 13% longer. With mmap and trimming off, freed blocks are reused; the process keeps its
-    high-water mark. Returns False where there is no glibc (macOS, musl), which then keeps its default."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-
-
-def device_time() -> float:
-    """time.time() once the GPU has finished the work queued so far. CUDA kernels run asynchronously, so a phase
-    timed with time.time() alone ends when its kernels are launched, and its remaining work is counted in the next
-    phase that waits for a result (time/scoring, for one, would hold little more than the launches). On CPU the
-    same as time.time()."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.time()
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
-                     "keep_states", "sample_every", "run_eval", "eval_splits", "local_eval_batch_size",
-                     "max_eval_samples", "keep_freed_memory"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
-# atomically; an older run in the output folder moved aside. Copied verbatim into every stage file.
-# ---------------------------------------------------------------------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
-# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
-RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "health", "samples", "dataset", "final_model.tmp",
-               "config.json", "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
-               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
-               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
-PREVIOUS_RUNS = "previous_runs"
-
-
-def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
-    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
-    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
-    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
-
-
-def check_episodes(total_episodes: int, batch_size: int) -> None:
-    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
-    if total_episodes % batch_size:
-        low = total_episodes // batch_size * batch_size
-        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
-        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
-                         f"remainder would be dropped); pass {choices}")
-
-
-def hub_problem(name: str, repo_type: str) -> Optional[str]:
-    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
-    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
-    a mistyped relative folder fails at once instead of after the hub client's retries."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    parts = name.split("/")
-    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
-        return "no such folder (and not a hub name of the form owner/name)"
-    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
-    if os.path.isdir(cached):
-        return None
-    if constants.HF_HUB_OFFLINE:
-        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
-    try:
-        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
-    except Exception as e:  # not found, gated, no network: all mean the run cannot start
-        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    return None
-
-
-def safetensors_problem(path: str) -> Optional[str]:
-    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
-    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
-    size = os.path.getsize(path)
-    if size < 8:
-        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
-        except ValueError:
-            header = None
-    if header is None:
-        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
-    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
-    if size < 8 + header_len + end:
-        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
-    return None
-
-
-def weights_problem(folder: str) -> Optional[str]:
-    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
-    safetensors file cut short."""
-    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-             if os.path.isfile(os.path.join(folder, n))]
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif index:
-        with open(os.path.join(folder, index[0])) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        files = ["pytorch_model.bin"]
-    else:
-        return "no model weights (model.safetensors); a run that did not finish saves none"
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"the weights file {name} is missing"
-        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
-        if problem or not os.path.getsize(path):
-            return problem or f"{name} is empty"
-    return None
-
-
-def model_role(config: dict) -> str:
-    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
-    or a description of what else a config.json describes."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-
-    def names(mapping):
-        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
-
-    archs = config.get("architectures") or []
-    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return "causal_lm"
-    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
-        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
-        if labels == 1 and "reward_bias" in config:
-            return "reward_model"
-        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
-    return f"model of architecture {archs or 'unknown'}"
-
-
-ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
-              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
-
-
-def check_model_source(path: str, flag: str, roles: tuple) -> None:
-    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
-    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
-    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
-    head). A hub model is checked at load (`load_checked`)."""
-    if not os.path.isdir(path):
-        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
-        if problem:
-            raise ValueError(f"{flag} {path}: {problem}")
-        return
-    files = set(os.listdir(path))
-    if "config.json" not in files:
-        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
-    if not files & set(TOKENIZER_FILES):
-        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
-                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
-    problem = weights_problem(path)
-    if problem:
-        raise ValueError(f"{flag} {path}: {problem}")
-    with open(os.path.join(path, "config.json")) as f:
-        role = model_role(json.load(f))
-    if role not in roles:
-        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
-                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
-
-
-def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
-    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
-    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
-    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
-    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
-    if missing or mismatched:
-        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
-                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
-                         f"{type(model).__name__}; they would start random")
-    return model, info
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Create the output folder and write a probe file into it: a run that could not save its model must fail
-    before it trains, not after."""
-    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
-
-
-def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
-    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
-    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
-    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
-    Returns the folder they went to (None: nothing to move)."""
-    import fnmatch
-
-    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
-    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
-        return None  # no run here (a new folder, or one that holds other things: left alone)
-    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
-    root = os.path.join(output_dir, PREVIOUS_RUNS)
-    os.makedirs(root, exist_ok=True)
-    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
-    dest = os.path.join(root, str(number))
-    os.makedirs(dest)
-    for name in moved:
-        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
-    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
-             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
-    return dest
-
-
-def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
-    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
-    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
-    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
-    files (a generation config) into the temporary folder on the main process."""
-    tmp = os.path.join(output_dir, "final_model.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                          state_dict=state_dict)
-    # every rank's save_pretrained touches the folder (it creates and lists it), so none may still be inside it
-    # when the main process empties and removes it: a late rank would re-create it or fail to list it
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        os.rmdir(tmp)
-    accelerator.wait_for_everyone()
-
-
-# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
-# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
-# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
-STATE_MANIFEST = "state_manifest.json"
-# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
-# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
-MANIFEST_HASH_LIMIT = 64 * 2**20
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_crc32(path: str) -> int:
-    import zlib
-
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**24), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def state_problem(folder: str) -> Optional[str]:
-    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
-    unreadable trainer_state.json), or None when it is complete."""
-    try:
-        with open(os.path.join(folder, STATE_MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
-    for name, entry in manifest["files"].items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != entry["size"]:
-            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
-        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
-        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
-            return f"{name} does not match its CRC-32 in the manifest"
-    try:
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json is unreadable ({type(e).__name__})"
-    return None
-
-
-def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
-    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
-    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
-    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
-    skipped = []
-    for name in reversed(names):
-        folder = os.path.join(root, name)
-        problem = state_problem(folder)
-        if problem is None:
-            return folder, skipped
-        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
-    return None, skipped
-
-
-def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
-    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
-    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
-    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
-    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
-    root, tmp = os.path.dirname(folder), folder + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        files = {}
-        for dirpath, _, names in os.walk(tmp):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
-                if entry["size"] <= MANIFEST_HASH_LIMIT:
-                    entry["sha256"] = file_sha256(path)
-                else:
-                    entry["crc32"] = file_crc32(path)
-        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
-            json.dump({"files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
-        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-class StopOnSignal:
-    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
-    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
-    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
-    the main thread (where Python cannot install handlers) nothing is installed."""
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        self.previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        self.restore()
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def __exit__(self, *exc):
-        self.restore()
-        return False
-
-
-def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
-    """The signal name if any process received one (processes must agree: they all take part in the save)."""
-    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
-    if accelerator.gather(flag).max().item() == 0:
-        return None
-    return stop.received or "a stop signal (on another process)"
-
-
-def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
-    """None when every value is finite, else "<name> diverged at <where>: N NaN and M infinite values" for the first
-    quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
-    answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
-    names = list(quantities)
-    values = [torch.as_tensor(quantities[n]).detach() for n in names]
-    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
-    if reduce is not None:
-        counts = reduce(counts, "sum")
-    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
-        if n_nan or n_inf:
-            return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
-    return None
-
-
-def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
-    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
-    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
-    of processes differs from the interrupted run's: the continuation would silently be another run."""
-    if not args.resume:
-        return None, None
-    if not args.output_dir:
-        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
-    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
-    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
-        print_fn(message)
-    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
-        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
-                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
-        return None, None
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        state = json.load(f)
-    changed = sorted(k for k, v in asdict(args).items()
-                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
-    if changed or state["world_size"] != world_size:
-        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
-                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
-    return folder, state
-
-
-def cut_metrics(output_dir: str, lines: int) -> None:
-    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
-    logged again by the resumed run."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    with open(path) as f:
-        kept = f.readlines()[:lines]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def count_lines(path: str) -> int:
-    with open(path) as f:
-        return sum(1 for _ in f)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------------------
-
-
-def main(args: Args):
-    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the trained policy."""
-    with StopOnSignal() as stop:
-        return train_ppo(args, stop)
-
-
-def train_ppo(args: Args, stop: StopOnSignal):
+def train_ppo(args: Args, stop: "StopOnSignal"):
     """The stage itself; `stop.received` is read once per update."""
     import pandas as pd
     from accelerate.utils import broadcast_object_list
@@ -1706,28 +914,8 @@ def train_ppo(args: Args, stop: StopOnSignal):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     accelerator = make_accelerator()
-    # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
-    check_flags(args, positive=("batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
-                                "query_length", "response_length", "noptepochs", "nminibatches",
-                                "local_eval_batch_size"),
-                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
-                              "validation_probe_size", "sample_every", "max_eval_samples", "kl_coef", "temperature",
-                              "eval_temperature"))
-    check_flags(args, positive=("health_patience",))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:  # else each process would silently run alone, in the same output_dir
-        raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
-    derived = derive(args, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
+    derived = check_launch(args, accelerator)  # flags, processes, DeepSpeed: before the first file is written
     device = accelerator.device
-    if args.keep_freed_memory and device.type == "cpu" and not keep_freed_host_memory():
-        accelerator.print("note: --keep_freed_memory needs glibc; the allocator keeps its defaults")
-    deepspeed_plugin = accelerator.state.deepspeed_plugin
-    if args.offload and deepspeed_plugin is None:
-        raise ValueError("--offload needs a DeepSpeed launch (accelerate launch --config_file ...deepspeed...yaml)")
-    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:  # sharded policy: slow, unsynced generate
-        raise ValueError("policy and value model train under ZeRO-2 (the paper's setting for every size); to fit the "
-                         "6.9B recipe use the ZeRO-2 config with --offload, which shards the frozen models in ZeRO-3")
 
     # ---- resume: read the saved state first, so the run keeps its name, folder and position
     checkpoint, resumed = resume_state(args, derived.world_size, RESUMABLE_CHANGES, accelerator.print)
@@ -1742,39 +930,9 @@ def train_ppo(args: Args, stop: StopOnSignal):
     tokenizer = load_chain_tokenizer(args.sft_model_path, args.reward_model_path)
     pad, eos, R = tokenizer.pad_token_id, tokenizer.eos_token_id, args.response_length
     logits_kept = R + 1 if args.response_logits_only else 0  # HF `logits_to_keep`: the last R+1 positions, or all
-    dataset = load_splits(args.dataset, revision=args.dataset_revision)
-    if "train" not in dataset or "validation" not in dataset:
-        raise ValueError(f"{args.dataset} needs 'train' and 'validation' splits (found {list(dataset)})")
-    missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
-    if missing:
-        raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
-    keep = {"train", "validation", *(args.eval_splits if args.run_eval else ())}
-    dataset = type(dataset)({s: ds for s, ds in dataset.items() if s in keep})
-    dataset, skipped = drop_bad_rows(dataset)
-    data_metrics = {}
-    for split, ds in dataset.items():
-        data_metrics[f"data/{split}/rows"] = len(ds)
-        for reason, n in sorted(skipped[split].items()):
-            data_metrics[f"data/{split}/skipped/{reason}"] = n
-            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see sft_row_problem)")
-    probe_rows = dataset["validation"].select(range(min(args.validation_probe_size, len(dataset["validation"]))))
-    if len(probe_rows) < args.validation_probe_size:
-        raise ValueError(f"validation has {len(probe_rows)} rows, fewer than --validation_probe_size "
-                         f"{args.validation_probe_size}")
-    if args.max_eval_samples is not None:
-        for split in args.eval_splits if args.run_eval else ():
-            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
-    if len(probe_rows):
-        dataset["probe"] = probe_rows
-    with accelerator.main_process_first():
-        dataset = tokenize_queries(dataset, tokenizer, args)
+    dataset, data_metrics, probe = load_prompts(args, tokenizer, accelerator, derived)  # probe: None when size 0
     train_queries = dataset["train"].with_format("torch", columns=["query_token"])[:]["query_token"]  # (N, Q)
-    probe_share = args.validation_probe_size // derived.world_size  # [N+ 1.D.24] a fixed set; rank r takes share r
-    rank = accelerator.process_index
-    with_probe = probe_share > 0
-    if with_probe:
-        probe = dataset["probe"].select(range(rank * probe_share, (rank + 1) * probe_share))
-        probe = probe.with_format("torch", columns=["id", "query_token", "reference_response_token"])[:]
+    with_probe = probe is not None
 
     # ---- seeds [N+ 1.B.9]: each rank samples with its own seed; the prompt order comes from the global seed
     local_seed = args.seed + accelerator.process_index * 100003
@@ -1826,25 +984,7 @@ def train_ppo(args: Args, stop: StopOnSignal):
         ds_config["checkpoint"] = {"use_node_local_storage": True}
     model, optimizer = accelerator.prepare(model, optimizer)
     write_deepspeed_config(accelerator, args.output_dir)
-    if deepspeed_plugin is not None:
-        import deepspeed  # only on this path; not needed for DDP or CPU runs
-
-        # [N+ 1.D.22] the frozen models go through deepspeed.initialize with an inference-only config; with
-        # --offload (the 6.9B recipe) ZeRO-3 shards them and keeps their parameters on CPU
-        eval_ds_config = {
-            "train_micro_batch_size_per_gpu": args.local_micro_batch_size,
-            "bf16": {"enabled": accelerator.mixed_precision == "bf16"},
-            "fp16": {"enabled": accelerator.mixed_precision == "fp16"},
-            "prescale_gradients": False,
-            "wall_clock_breakdown": False,
-        }
-        if args.offload:
-            eval_ds_config["zero_optimization"] = {
-                "stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": {"device": "cpu"}}
-        reward_model, *_ = deepspeed.initialize(model=reward_model, config=eval_ds_config)
-        ref_policy, *_ = deepspeed.initialize(model=ref_policy, config=eval_ds_config)
-    else:
-        reward_model, ref_policy = reward_model.to(device), ref_policy.to(device)
+    reward_model, ref_policy = prepare_frozen_models(accelerator, args, reward_model, ref_policy)
     reward_model.eval()
     ref_policy.eval()
     unwrapped = accelerator.unwrap_model(model)  # .policy samples, .critic gives rollout values
@@ -2290,6 +1430,849 @@ def train_ppo(args: Args, stop: StopOnSignal):
     accelerator.print(f"saved {args.output_dir} (peak memory {peak_memory_gib():.2f} GiB)")
     accelerator.end_training()
     return policy
+
+
+# =========================================================================================================
+# PART 2: PLUMBING. Nothing below changes the math above: logging, launch, datasets, input checks, atomic saves,
+# resumable states, stop signals and divergence, then this stage's own switches and main(). The block up to
+# "end of the shared plumbing" is the same, byte for byte, in sft_tldr.py, reward_tldr.py and ppo_tldr.py
+# (tests/test_consistency.py checks it): read it once.
+# =========================================================================================================
+# Logging and provenance: metrics.jsonl (and W&B with --track), run_info.json
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
+
+    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
+            )
+
+    def log(self, metrics: dict, samples: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"samples": samples, **metrics})
+
+    def table(self, name: str, df) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+
+def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
+    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
+        try:
+            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
+        except ImportError:
+            pass
+    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
+            "python": platform.python_version(), "versions": versions}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch: the accelerator, DeepSpeed, seeds and memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator():
+    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
+
+    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
+    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
+    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
+    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
+    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
+    `deepspeed.initialize`; returns that config (None without DeepSpeed).
+
+    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
+    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
+    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
+    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
+    return ds_config
+
+
+def write_deepspeed_config(accelerator, output_dir: str) -> None:
+    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and accelerator.is_main_process:
+        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets: the hub (the default) or local JSON Lines files in the same schema
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
+    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
+    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
+    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
+    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
+    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
+
+    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
+    Local split files load one at a time: a joint load would impose the first file's column types on every split
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
+    import datasets
+
+    exts = (".jsonl", ".json", ".parquet")
+    if not os.path.isdir(dataset):
+        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
+                   else hub_problem(dataset, "dataset"))
+        if problem:
+            raise ValueError(f"{flag} {dataset}: {problem}")
+    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
+    if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+        try:
+            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
+                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
+                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
+    splits = {}
+    for fname in files:
+        stem, ext = os.path.splitext(fname)
+        if stem in splits:
+            raise ValueError(f"{dataset}: two files for split {stem!r}")
+        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                         f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
+                        try:
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
+        try:
+            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
+# atomically; an older run in the output folder moved aside.
+# ---------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "health", "samples", "dataset", "final_model.tmp",
+               "config.json", "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
+               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
+    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
+    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
+
+
+def check_episodes(total_episodes: int, batch_size: int) -> None:
+    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
+    if total_episodes % batch_size:
+        low = total_episodes // batch_size * batch_size
+        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
+        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
+                         f"remainder would be dropped); pass {choices}")
+
+
+def hub_problem(name: str, repo_type: str) -> Optional[str]:
+    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
+    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
+    a mistyped relative folder fails at once instead of after the hub client's retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
+        return "no such folder (and not a hub name of the form owner/name)"
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
+    if os.path.isdir(cached):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
+    try:
+        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
+    except Exception as e:  # not found, gated, no network: all mean the run cannot start
+        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
+    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        except ValueError:
+            header = None
+    if header is None:
+        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    if size < 8 + header_len + end:
+        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
+    return None
+
+
+def weights_problem(folder: str) -> Optional[str]:
+    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
+    safetensors file cut short."""
+    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+             if os.path.isfile(os.path.join(folder, n))]
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif index:
+        with open(os.path.join(folder, index[0])) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        return "no model weights (model.safetensors); a run that did not finish saves none"
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"the weights file {name} is missing"
+        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
+        if problem or not os.path.getsize(path):
+            return problem or f"{name} is empty"
+    return None
+
+
+def model_role(config: dict) -> str:
+    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
+    or a description of what else a config.json describes."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    def names(mapping):
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    archs = config.get("architectures") or []
+    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "causal_lm"
+    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels == 1 and "reward_bias" in config:
+            return "reward_model"
+        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
+    return f"model of architecture {archs or 'unknown'}"
+
+
+ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
+              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
+
+
+def check_model_source(path: str, flag: str, roles: tuple) -> None:
+    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
+    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
+    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
+    head). A hub model is checked at load (`load_checked`)."""
+    if not os.path.isdir(path):
+        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+        return
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
+    if not files & set(TOKENIZER_FILES):
+        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
+                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
+    problem = weights_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
+    with open(os.path.join(path, "config.json")) as f:
+        role = model_role(json.load(f))
+    if role not in roles:
+        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
+                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
+
+
+def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
+    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
+    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
+    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
+                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
+                         f"{type(model).__name__}; they would start random")
+    return model, info
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create the output folder and write a probe file into it: a run that could not save its model must fail
+    before it trains, not after."""
+    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
+    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
+    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
+    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
+    Returns the folder they went to (None: nothing to move)."""
+    import fnmatch
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
+        return None  # no run here (a new folder, or one that holds other things: left alone)
+    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    os.makedirs(root, exist_ok=True)
+    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
+    dest = os.path.join(root, str(number))
+    os.makedirs(dest)
+    for name in moved:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
+             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
+    return dest
+
+
+def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
+    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
+    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
+    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
+    files (a generation config) into the temporary folder on the main process."""
+    tmp = os.path.join(output_dir, "final_model.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                          state_dict=state_dict)
+    # every rank's save_pretrained touches the folder (it creates and lists it), so none may still be inside it
+    # when the main process empties and removes it: a late rank would re-create it or fail to list it
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resumable training state, stop signals and divergence
+# ---------------------------------------------------------------------------------------------------------
+
+# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
+# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
+# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
+STATE_MANIFEST = "state_manifest.json"
+# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
+# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
+MANIFEST_HASH_LIMIT = 64 * 2**20
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def state_problem(folder: str) -> Optional[str]:
+    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
+    unreadable trainer_state.json), or None when it is complete."""
+    try:
+        with open(os.path.join(folder, STATE_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
+    for name, entry in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != entry["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
+            return f"{name} does not match its CRC-32 in the manifest"
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    return None
+
+
+def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
+    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
+    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    skipped = []
+    for name in reversed(names):
+        folder = os.path.join(root, name)
+        problem = state_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
+    return None, skipped
+
+
+def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
+    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
+    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
+    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
+    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
+    root, tmp = os.path.dirname(folder), folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
+                if entry["size"] <= MANIFEST_HASH_LIMIT:
+                    entry["sha256"] = file_sha256(path)
+                else:
+                    entry["crc32"] = file_crc32(path)
+        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
+            json.dump({"files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
+        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
+    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
+    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
+    the main thread (where Python cannot install handlers) nothing is installed."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
+    """The signal name if any process received one (processes must agree: they all take part in the save)."""
+    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
+    if accelerator.gather(flag).max().item() == 0:
+        return None
+    return stop.received or "a stop signal (on another process)"
+
+
+def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
+    """None when every value is finite, else "<name> diverged at <where>: N NaN and M infinite values" for the first
+    quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
+    answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
+    names = list(quantities)
+    values = [torch.as_tensor(quantities[n]).detach() for n in names]
+    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
+    if reduce is not None:
+        counts = reduce(counts, "sum")
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
+        if n_nan or n_inf:
+            return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
+    return None
+
+
+def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
+    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
+    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
+    of processes differs from the interrupted run's: the continuation would silently be another run."""
+    if not args.resume:
+        return None, None
+    if not args.output_dir:
+        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
+    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
+    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
+        print_fn(message)
+    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
+        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
+                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
+        return None, None
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    changed = sorted(k for k, v in asdict(args).items()
+                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
+    if changed or state["world_size"] != world_size:
+        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
+                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
+    return folder, state
+
+
+def cut_metrics(output_dir: str, lines: int) -> None:
+    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
+    logged again by the resumed run."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        kept = f.readlines()[:lines]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+# ---- end of the shared plumbing; below, this stage's own
+
+
+def check_launch(args: Args, accelerator) -> Derived:
+    """Every check of the flags and the launch that can fail, run before the first file is written (run_info.json,
+    metrics.jsonl); returns the batch arithmetic, and sets accelerate's gradient accumulation from it."""
+    check_flags(args, positive=("batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
+                                "query_length", "response_length", "noptepochs", "nminibatches",
+                                "local_eval_batch_size"),
+                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
+                              "validation_probe_size", "sample_every", "max_eval_samples", "kl_coef", "temperature",
+                              "eval_temperature"))
+    check_flags(args, positive=("health_patience",))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # else each process would silently run alone, in the same output_dir
+        raise RuntimeError(f"{launched} processes were launched but accelerate sees {accelerator.num_processes}")
+    derived = derive(args, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
+    if args.keep_freed_memory and accelerator.device.type == "cpu" and not keep_freed_host_memory():
+        accelerator.print("note: --keep_freed_memory needs glibc; the allocator keeps its defaults")
+    deepspeed_plugin = accelerator.state.deepspeed_plugin
+    if args.offload and deepspeed_plugin is None:
+        raise ValueError("--offload needs a DeepSpeed launch (accelerate launch --config_file ...deepspeed...yaml)")
+    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:  # sharded policy: slow, unsynced generate
+        raise ValueError("policy and value model train under ZeRO-2 (the paper's setting for every size); to fit the "
+                         "6.9B recipe use the ZeRO-2 config with --offload, which shards the frozen models in ZeRO-3")
+    return derived
+
+
+def load_prompts(args: Args, tokenizer, accelerator, derived: Derived):
+    """The prompts [N+ 1.A, 1.D.5]: train (rollouts), the validation probe (its first --validation_probe_size rows)
+    and the evaluation splits, checked as SFT rows (malformed rows are errors, empty ones skipped and counted) and
+    tokenized. Returns (dataset, data metrics, this rank's share of the probe as tensors, or None)."""
+    dataset = load_splits(args.dataset, revision=args.dataset_revision)
+    if "train" not in dataset or "validation" not in dataset:
+        raise ValueError(f"{args.dataset} needs 'train' and 'validation' splits (found {list(dataset)})")
+    missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
+    if missing:
+        raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
+    keep = {"train", "validation", *(args.eval_splits if args.run_eval else ())}
+    dataset = type(dataset)({s: ds for s, ds in dataset.items() if s in keep})
+    dataset, skipped = drop_bad_rows(dataset)
+    data_metrics = {}
+    for split, ds in dataset.items():
+        data_metrics[f"data/{split}/rows"] = len(ds)
+        for reason, n in sorted(skipped[split].items()):
+            data_metrics[f"data/{split}/skipped/{reason}"] = n
+            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see sft_row_problem)")
+    probe_rows = dataset["validation"].select(range(min(args.validation_probe_size, len(dataset["validation"]))))
+    if len(probe_rows) < args.validation_probe_size:
+        raise ValueError(f"validation has {len(probe_rows)} rows, fewer than --validation_probe_size "
+                         f"{args.validation_probe_size}")
+    if args.max_eval_samples is not None:
+        for split in args.eval_splits if args.run_eval else ():
+            dataset[split] = dataset[split].select(range(min(args.max_eval_samples, len(dataset[split]))))
+    if len(probe_rows):
+        dataset["probe"] = probe_rows
+    with accelerator.main_process_first():
+        dataset = tokenize_queries(dataset, tokenizer, args)
+    probe_share = args.validation_probe_size // derived.world_size  # [N+ 1.D.24] a fixed set; rank r takes share r
+    probe = None
+    if probe_share > 0:
+        rank = accelerator.process_index
+        probe = dataset["probe"].select(range(rank * probe_share, (rank + 1) * probe_share))
+        probe = probe.with_format("torch", columns=["id", "query_token", "reference_response_token"])[:]
+    return dataset, data_metrics, probe
+
+
+def prepare_frozen_models(accelerator, args: Args, reward_model, ref_policy):
+    """The frozen reward model and reference policy on the device; under DeepSpeed each goes through
+    deepspeed.initialize with an inference-only config [N+ 1.D.22], and with --offload (the 6.9B recipe) ZeRO-3
+    shards them and keeps their parameters on CPU."""
+    if accelerator.state.deepspeed_plugin is None:
+        return reward_model.to(accelerator.device), ref_policy.to(accelerator.device)
+    import deepspeed  # only on this path; not needed for DDP or CPU runs
+
+    eval_ds_config = {
+        "train_micro_batch_size_per_gpu": args.local_micro_batch_size,
+        "bf16": {"enabled": accelerator.mixed_precision == "bf16"},
+        "fp16": {"enabled": accelerator.mixed_precision == "fp16"},
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+    }
+    if args.offload:
+        eval_ds_config["zero_optimization"] = {
+            "stage": 3, "stage3_param_persistence_threshold": 1e4, "offload_param": {"device": "cpu"}}
+    reward_model, *_ = deepspeed.initialize(model=reward_model, config=eval_ds_config)
+    ref_policy, *_ = deepspeed.initialize(model=ref_policy, config=eval_ds_config)
+    return reward_model, ref_policy
+
+
+def sft_row_problem(row: dict, name: str) -> Optional[str]:
+    """Why an SFT row is skipped (None: keep it); a ValueError naming the row when it is malformed.
+
+    Malformed, an error (the data is not in the hub schema): subreddit, title, post or summary not a string (a
+    number, a list, null), an id that is neither a string nor an integer. Skipped, counted and logged (well-formed
+    but nothing to learn from): an empty post ("empty_post") and an empty summary ("empty_summary"), whose reference
+    response would be a bare EOS."""
+    bad = {k: row[k] for k in ("subreddit", "title", "post", "summary") if not isinstance(row[k], str)}
+    if bad or isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise ValueError(f"{name}: id must be a string or an integer and subreddit, title, post, summary strings; "
+                         f"got {({'id': row['id'], **bad})!r:.300}")
+    if not row["post"].strip():
+        return "empty_post"
+    if not row["summary"].strip():
+        return "empty_summary"
+    return None
+
+
+def drop_bad_rows(dataset):
+    """Check every split's rows before use: a missing column, a malformed row or a repeated id is an error naming the
+    split and row; rows with an empty post or summary are dropped and counted by reason in
+    skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
+    from collections import Counter
+
+    required = ("id", "subreddit", "title", "post", "summary")
+    skipped = {}
+    for split, ds in dataset.items():
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
+        repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
+        if repeated:  # the same post twice is a data-preparation error: trained, sampled or evaluated twice
+            rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
+            raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
+        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
+        skipped[split] = dict(Counter(r for r in reasons if r))
+        if skipped[split]:
+            dataset[split] = ds.select([i for i, r in enumerate(reasons) if not r])
+    return dataset, skipped
+
+
+class HealthMonitor:
+    """Counts, per check, the consecutive updates it failed; `observe` returns the checks that reached `patience`.
+    Its state (streaks, the baseline and the signal history) goes into every resumable state."""
+
+    def __init__(self, thresholds: dict, patience: int):
+        self.thresholds, self.patience = thresholds, patience
+        self.streak = {name: 0 for name in HEALTH_CHECKS}
+        self.history: list[dict] = []  # {"update": u, **signals}
+        self.baseline: Optional[dict] = None
+
+    def observe(self, update: int, signals: dict) -> dict:
+        self.history.append({"update": update, **signals})
+        failing = failing_checks(signals, self.thresholds)
+        for name in self.streak:
+            self.streak[name] = self.streak[name] + 1 if name in failing else 0
+        return {name: failing[name] for name in failing if self.streak[name] >= self.patience}
+
+    def trouble_began(self, tripped: dict) -> int:
+        """The first update of the longest failing streak among the tripped checks."""
+        return self.history[-1]["update"] - max(self.streak[name] for name in tripped) + 1
+
+    def reset(self) -> None:
+        self.streak = {name: 0 for name in HEALTH_CHECKS}
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "history": self.history, "baseline": self.baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak, self.history, self.baseline = dict(state["streak"]), list(state["history"]), state["baseline"]
+
+
+def healthy_update(trouble_began: int) -> int:
+    """The newest update whose policy is known healthy. Update u's rollouts come from the policy of the end of update
+    u - 1, so the first failing rollouts (update s) indict the policy of update s - 1, and the last policy whose
+    rollouts passed is that of update s - 2 (0: the starting policy)."""
+    return max(trouble_began - 2, 0)
+
+
+def attention_kernel(requested: Optional[str], device_type: str, mixed_precision: str) -> str:
+    """SDPA (flash / memory-efficient kernels on GPU, flash on CPU in fp32), except under bf16/fp16 autocast on CPU:
+    there, for SmolLM2's training shape (8 x 253 tokens, 9 heads of 64, left padding), forward + backward of one
+    layer takes 31 ms with torch's SDPA kernel and a mask, 20 ms with eager matmuls and a softmax; in fp32 SDPA is
+    the faster (27 ms against 41 ms). `python benchmark/bf16_cpu_checks.py attention`"""
+    if requested is not None:
+        return requested
+    return "eager" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "sdpa"
+
+
+def keep_freed_host_memory() -> bool:
+    """Tell glibc's malloc to serve every allocation from its heap and never give freed memory back to the OS.
+
+    By default glibc maps large blocks (above a threshold that adapts from 128 KiB up to 32 MiB), such as an embedding
+    gradient or a (B, R, V) logits tensor, fresh from the OS and unmaps them when freed, so every training step pays
+    the kernel for zeroing and faulting those pages in again:
+    30 ms for a fresh 113 MiB tensor here against 3 ms for a reused one; without this setting the bf16 training step
+    of SmolLM2 PPO on CPU takes 13% longer. With mmap and trimming off, freed blocks are reused; the process keeps its
+    high-water mark. Returns False where there is no glibc (macOS, musl), which then keeps its default."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def device_time() -> float:
+    """time.time() once the GPU has finished the work queued so far. CUDA kernels run asynchronously, so a phase
+    timed with time.time() alone ends when its kernels are launched, and its remaining work is counted in the next
+    phase that waits for a result (time/scoring, for one, would hold little more than the launches). On CPU the
+    same as time.time()."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.time()
+
+
+# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
+                     "keep_states", "sample_every", "run_eval", "eval_splits", "local_eval_batch_size",
+                     "max_eval_samples", "keep_freed_memory"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the trained policy."""
+    with StopOnSignal() as stop:
+        return train_ppo(args, stop)
 
 
 if __name__ == "__main__":

@@ -20,44 +20,6 @@ What it does, top to bottom:
   6. saves a standard Hugging Face folder: safetensors, config with `reward_bias`, tokenizer with its pad token
      [N+ 1.C.13].
 
-Using the checkpoint elsewhere (`ppo_tldr.py` loads it as the reward model and as the value model's initialisation):
-    model = AutoModelForSequenceClassification.from_pretrained(path)    # one label; config.pad_token_id is set
-    bias = getattr(model.config, "reward_bias", 0.0)
-    # right-padded ids (the saved tokenizer's pad id after the EOS): HF pools the last non-pad token, the EOS
-    raw = model(input_ids=ids, attention_mask=ids != tokenizer.pad_token_id).logits[:, 0]     # raw score, as here
-    reward = raw - bias                                                  # normalised: reference summaries average 0
-  Per-position scores, for left-padded sequences (PPO) or a tokenizer whose pad is EOS, as `ScalarModel` computes them:
-    h = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask,
-                                                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
-    scores = model.score(h).squeeze(-1)                                  # (B, T); read at the last real token
-  Pass position_ids under left padding: without them a model with absolute positions (GPT-2) shifts every token.
-
-Deviations from the reference code (each deliberate):
-  * The head is HF's `score = nn.Linear(hidden, 1, bias=False)`, not a head with a zero-initialised bias. The pairwise
-    loss only sees r_chosen - r_rejected, so a bias gets exactly zero gradient and stays 0: the same model.
-  * Sequences are the token concatenation `query_token + response_token` (as sft_tldr.py, [N+ 1.A.8]) instead of
-    re-encoding `query.strip() + response`, and each batch is right-padded to its own longest sequence, not to 638.
-    The two are not always the same ids: the reference decoded the query tokens first (transformers 4.33's
-    `clean_up_tokenization_spaces=True` rewrites " ." " ," " 's" ... in some posts; README "Re-encoding"), and a
-    BPE merge across the query/summary boundary is possible in principle. The CNN/DM queries drop their trailing
-    newline as the reference's `strip()` did ("...TL;DR:" + " summary"; `truncated_article_tokens`).
-  * Positions come from the attention mask [N+ 1.D.23]. The reference passes none; under right padding both agree,
-    and under left padding (how PPO scores) ours gives the same reward as the unpadded sequence.
-  * Data order: one shuffle from the global seed, partitioned across processes (as SFT and PPO in the reference).
-    `--per_rank_shuffle` restores the reference RM's per-process shuffles, whose subsets overlap [N+ 1.C.9].
-  * Evaluation is gathered over all processes; the released reference runs scored rank 0's shard only [N+ 1.C.10].
-  * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
-    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set (the same in
-    every stage, `configure_deepspeed`).
-  * The bias is stored as `config.reward_bias` of a standard HF config (the reference: `config.bias` of a custom
-    `ScalarModel`). `eval/rm/normalized_*` are statistics after subtracting it (normalized_mean ~ 0); the reference
-    logs the raw statistics under those names, so its `normalized_mean` is our `eval/rm/reward_bias`. The reward diff
-    metrics are spelled `unexpected` (reference: `unexpecte`).
-  * Evaluation runs after normalisation, so the CSV's chosen/rejected rewards are normalised; margins and accuracy
-    do not depend on the bias.
-  * Malformed rows are an error naming the row; rows with an empty post/article or an empty summary are skipped,
-    counted and logged as `data/{split}/skipped/{reason}` (see `comparison_problem`).
-
 Launch:
   python reward_tldr.py --sft_model_path runs/sft                 # paper defaults, one GPU (grad-accum keeps batch 64)
   accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml reward_tldr.py --sft_model_path runs/sft \
@@ -67,30 +29,10 @@ Launch:
       --normalization_samples 64 --output_dir runs/rm_smoke                      # tiny CPU run
   python reward_tldr.py --sft_model_path runs/rm --total_episodes 0      # re-evaluate a reward checkpoint (reward_eval)
 
-Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
-newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
-(143/130); a NaN or Inf reward or loss stops the run at once, naming the quantity, the step and the last good state.
-Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
-cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
-the final model is written atomically.
-
-Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training pairs seen):
-  train/rm/{loss,accuracy,chosen_rewards,rejected_rewards,lr}  per optimizer step: mean over the grad-accum window
-                                                               and all processes; lr: the LR that step used
-  eval/rm/{validation,validation_cnndm}/accuracy               fraction of pairs with r_chosen > r_rejected (strict)
-      .../accuracy/{split,batch,confidence,policies}/<value>   the same per OpenAI split, labelling batch, annotator
-                                                               confidence and sorted policy pair "a--b"
-      .../accuracy_ci95_{low,high}, .../num_pairs              95% Wilson interval and the number of pairs scored
-      .../calibration_error                                    pair-weighted mean |accuracy - sigmoid(bin mid)|
-  eval/rm/reward_bias                                          mean raw reward of the SFT train references
-  eval/rm/normalized_{mean,std,max,min}                        their normalised rewards (mean ~ 0 by construction)
-  eval/rm/normalized_unexpected_reward_diff_{mean,abs_max,gt_rtol_mean}
-                                                               unpadded minus left-padded reward: mean, max |.|,
-                                                               fraction with |.| > 1e-2 (all ~ 0 expected)
-  data/{split}/pairs, data/{split}/skipped/{reason}            rows used and rows skipped, at samples 0
-  time/{train,normalization,eval}_seconds, time/peak_memory_gib
-Files: {split}_rewards.csv (id, then the columns of [N+ 1.C.10]), {split}_calibration.{csv,png},
-normalization_rewards.csv, run_info.json, and the checkpoint.
+Deviations from the reference code (bias-free head, token concatenation, mask-derived positions, gathered
+evaluation, ...), fault handling, every metric and how to use the checkpoint elsewhere: README "Stage notes",
+`reward_tldr.py`. The main metrics (<output_dir>/metrics.jsonl, x-axis `samples` = training pairs seen):
+train/rm/{loss,accuracy}, eval/rm/<split>/accuracy with its 95% interval, eval/rm/reward_bias.
 """
 
 import functools
@@ -311,70 +253,6 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
-    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
-    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
-    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
-    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
-    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
-
-    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
-    Local split files load one at a time: a joint load would impose the first file's column types on every split
-    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
-    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
-    file) are errors naming `flag`, the file and the line."""
-    import datasets
-
-    exts = (".jsonl", ".json", ".parquet")
-    if not os.path.isdir(dataset):
-        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
-                   else hub_problem(dataset, "dataset"))
-        if problem:
-            raise ValueError(f"{flag} {dataset}: {problem}")
-    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
-    if not files:
-        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
-                                              for _, _, names in os.walk(dataset) for f in names):
-            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
-        try:
-            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
-        except RuntimeError as e:
-            if "scripts are no longer supported" not in str(e):
-                raise
-            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
-                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
-                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
-    splits = {}
-    for fname in files:
-        stem, ext = os.path.splitext(fname)
-        if stem in splits:
-            raise ValueError(f"{dataset}: two files for split {stem!r}")
-        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
-        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
-            rows = 0
-            with open(path, "rb") as f:
-                for line_number, line in enumerate(f, 1):
-                    try:
-                        text = line.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
-                                         f"{e.start} of the line)") from None
-                    rows += bool(text.strip())
-                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
-                        try:
-                            json.loads(text)
-                        except ValueError as e:
-                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
-                                             f"file?)") from None
-            if not rows:
-                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
-        try:
-            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
-        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
-            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
-    return datasets.DatasetDict(splits)
-
-
 # The RM's own data: comparisons [N+ 1.A.10-12] and the SFT references for the bias [N+ 1.C.11]
 
 CNNDM_BATCHES = ("batch0_cnndm", "cnndm0", "cnndm2")  # [N+ 1.A.12] their validation rows form validation_cnndm
@@ -420,48 +298,6 @@ def split_cnndm(dataset):
     return dataset
 
 
-def comparison_problem(info, summaries, choice, cnndm: bool, name: str) -> Optional[str]:
-    """Why a comparison row is skipped (None: keep it); a ValueError naming the row when it is malformed.
-
-    Malformed, an error (the data is not in the hub schema and guessing would train on wrong labels): no `info`;
-    `summaries` not exactly two entries with a string `text` and `policy`; `choice` not 0 or 1; a TL;DR row whose
-    subreddit, title or post is not a string (e.g. a CNN/DM article row outside the CNN/DM batches); a CNN/DM row
-    without a string article. Skipped, counted and logged (well-formed but nothing to compare): an empty post or
-    article ("empty_post", "empty_article") and a summary with no text ("empty_summary"), whose response would be a
-    bare EOS."""
-    if not isinstance(info, dict):
-        raise ValueError(f"{name}: no `info` (expected id, subreddit, title, post, article, site)")
-    if not (isinstance(summaries, list) and len(summaries) == 2 and all(
-            isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("policy"), str)
-            for s in summaries)):
-        raise ValueError(f"{name}: `summaries` must be two entries with a string `text` and `policy`, "
-                         f"got {summaries!r:.300}")
-    if isinstance(choice, bool) or choice not in (0, 1):
-        raise ValueError(f"{name}: `choice` must be 0 or 1, got {choice!r}")
-    if cnndm:
-        if not isinstance(info.get("article"), str):
-            raise ValueError(f"{name}: a CNN/DM row (batch in {CNNDM_BATCHES}) needs a string info.article")
-        if not info["article"].strip():
-            return "empty_article"
-    else:
-        bad = {k: info.get(k) for k in ("subreddit", "title", "post") if not isinstance(info.get(k), str)}
-        if bad:
-            raise ValueError(f"{name}: info fields {bad} must be strings (rows with an article instead of a post must "
-                             f"come from a CNN/DM batch {CNNDM_BATCHES})")
-        if not info["post"].strip():
-            return "empty_post"
-    if any(not s["text"].strip() for s in summaries):
-        return "empty_summary"
-    return None
-
-
-def check_comparison_columns(dataset) -> None:
-    for split, ds in dataset.items():
-        missing = [c for c in COMPARISON_COLUMNS if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(COMPARISON_COLUMNS)} (+ extra)")
-
-
 def comparison_fields(row: dict, i: int, split: str) -> tuple:
     """(info, summaries as a list of dicts, the row's name for errors, whether it is a CNN/DM row)."""
     info, summaries = row["info"], row["summaries"]
@@ -469,17 +305,6 @@ def comparison_fields(row: dict, i: int, split: str) -> tuple:
         summaries = [dict(zip(summaries, values)) for values in zip(*summaries.values())]
     name = f"split {split!r} row {i} (info.id={info.get('id') if isinstance(info, dict) else None!r})"
     return info, summaries, name, row["batch"] in CNNDM_BATCHES
-
-
-def check_comparison_rows(dataset) -> None:
-    """Check every row of every split before --total_episodes and --max_eval_samples cut and shuffle them: a missing
-    column or a malformed row (`comparison_problem`) is an error naming the split and the row of its file, so a
-    bad row fails a smoke run too. Text only, no tokenizing: cheap."""
-    check_comparison_columns(dataset)
-    for split, ds in dataset.items():
-        for i, row in enumerate(ds.select_columns(["info", "summaries", "choice", "batch"])):
-            info, summaries, name, cnndm = comparison_fields(row, i, split)
-            comparison_problem(info, summaries, row["choice"], cnndm, name)
 
 
 def tokenize_comparisons(dataset, tokenizer, args: Args):
@@ -667,26 +492,6 @@ def calibration_table(margins: np.ndarray, correct: np.ndarray, bin_width: float
                          "predicted": 1 / (1 + np.exp(-mid))})
 
 
-def plot_calibration(table, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    xs = np.linspace(0, max(float(table["margin_high"].max()), 1.0), 200)
-    ax.plot(xs, 1 / (1 + np.exp(-xs)), "--", color="gray", label="calibrated: sigmoid(|margin|)")
-    ax.plot(table["margin_mid"], table["accuracy"], "o-", label="reward model (labels: pairs per bin)")
-    for x, y, n in zip(table["margin_mid"], table["accuracy"], table["pairs"]):
-        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set(xlabel="|r_chosen - r_rejected| (bin mid, width 0.5)", ylabel="accuracy", ylim=(-0.05, 1.1), title=title)
-    ax.grid(ls="--", alpha=0.5)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Model helpers
 # ---------------------------------------------------------------------------------------------------------
@@ -769,116 +574,6 @@ def load_reward_model(path: str, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Logging and provenance
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Logger:
-    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
-
-    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.is_main = is_main
-        self.wandb = None
-        if is_main and args.track:
-            import wandb
-
-            self.wandb = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
-            )
-
-    def log(self, metrics: dict, samples: int) -> None:
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({"samples": samples, **metrics})
-
-    def table(self, name: str, df) -> None:
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({name: wandb.Table(dataframe=df)})
-
-
-def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
-    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    versions = {}
-    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
-        try:
-            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
-        except ImportError:
-            pass
-    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
-    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
-            "python": platform.python_version(), "versions": versions}
-    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-
-
-def make_accelerator():
-    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
-
-    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
-    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
-    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
-    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    on_cpu = not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
-    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
-
-
-def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
-    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
-    `deepspeed.initialize`; returns that config (None without DeepSpeed).
-
-    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
-    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
-    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
-    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return None
-    ds_config = plugin.deepspeed_config
-    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
-    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
-    return ds_config
-
-
-def write_deepspeed_config(accelerator, output_dir: str) -> None:
-    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and accelerator.is_main_process:
-        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Scoring and evaluation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -942,451 +637,9 @@ def accuracy_metrics(df, split: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
-# atomically; an older run in the output folder moved aside. Copied verbatim into every stage file.
+# Training: the stage itself, read top to bottom
 # ---------------------------------------------------------------------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
-# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
-RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "health", "samples", "dataset", "final_model.tmp",
-               "config.json", "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
-               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
-               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
-PREVIOUS_RUNS = "previous_runs"
-
-
-def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
-    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
-    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
-    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
-
-
-def check_episodes(total_episodes: int, batch_size: int) -> None:
-    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
-    if total_episodes % batch_size:
-        low = total_episodes // batch_size * batch_size
-        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
-        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
-                         f"remainder would be dropped); pass {choices}")
-
-
-def hub_problem(name: str, repo_type: str) -> Optional[str]:
-    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
-    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
-    a mistyped relative folder fails at once instead of after the hub client's retries."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    parts = name.split("/")
-    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
-        return "no such folder (and not a hub name of the form owner/name)"
-    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
-    if os.path.isdir(cached):
-        return None
-    if constants.HF_HUB_OFFLINE:
-        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
-    try:
-        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
-    except Exception as e:  # not found, gated, no network: all mean the run cannot start
-        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    return None
-
-
-def safetensors_problem(path: str) -> Optional[str]:
-    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
-    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
-    size = os.path.getsize(path)
-    if size < 8:
-        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
-        except ValueError:
-            header = None
-    if header is None:
-        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
-    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
-    if size < 8 + header_len + end:
-        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
-    return None
-
-
-def weights_problem(folder: str) -> Optional[str]:
-    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
-    safetensors file cut short."""
-    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-             if os.path.isfile(os.path.join(folder, n))]
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif index:
-        with open(os.path.join(folder, index[0])) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        files = ["pytorch_model.bin"]
-    else:
-        return "no model weights (model.safetensors); a run that did not finish saves none"
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"the weights file {name} is missing"
-        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
-        if problem or not os.path.getsize(path):
-            return problem or f"{name} is empty"
-    return None
-
-
-def model_role(config: dict) -> str:
-    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
-    or a description of what else a config.json describes."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-
-    def names(mapping):
-        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
-
-    archs = config.get("architectures") or []
-    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return "causal_lm"
-    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
-        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
-        if labels == 1 and "reward_bias" in config:
-            return "reward_model"
-        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
-    return f"model of architecture {archs or 'unknown'}"
-
-
-ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
-              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
-
-
-def check_model_source(path: str, flag: str, roles: tuple) -> None:
-    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
-    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
-    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
-    head). A hub model is checked at load (`load_checked`)."""
-    if not os.path.isdir(path):
-        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
-        if problem:
-            raise ValueError(f"{flag} {path}: {problem}")
-        return
-    files = set(os.listdir(path))
-    if "config.json" not in files:
-        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
-    if not files & set(TOKENIZER_FILES):
-        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
-                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
-    problem = weights_problem(path)
-    if problem:
-        raise ValueError(f"{flag} {path}: {problem}")
-    with open(os.path.join(path, "config.json")) as f:
-        role = model_role(json.load(f))
-    if role not in roles:
-        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
-                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
-
-
-def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
-    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
-    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
-    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
-    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
-    if missing or mismatched:
-        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
-                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
-                         f"{type(model).__name__}; they would start random")
-    return model, info
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Create the output folder and write a probe file into it: a run that could not save its model must fail
-    before it trains, not after."""
-    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
-
-
-def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
-    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
-    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
-    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
-    Returns the folder they went to (None: nothing to move)."""
-    import fnmatch
-
-    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
-    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
-        return None  # no run here (a new folder, or one that holds other things: left alone)
-    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
-    root = os.path.join(output_dir, PREVIOUS_RUNS)
-    os.makedirs(root, exist_ok=True)
-    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
-    dest = os.path.join(root, str(number))
-    os.makedirs(dest)
-    for name in moved:
-        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
-    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
-             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
-    return dest
-
-
-def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
-    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
-    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
-    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
-    files (a generation config) into the temporary folder on the main process."""
-    tmp = os.path.join(output_dir, "final_model.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                          state_dict=state_dict)
-    # every rank's save_pretrained touches the folder (it creates and lists it), so none may still be inside it
-    # when the main process empties and removes it: a late rank would re-create it or fail to list it
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        os.rmdir(tmp)
-    accelerator.wait_for_everyone()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Resumable training state, stop signals and divergence. Copied verbatim from sft_tldr.py.
-# ---------------------------------------------------------------------------------------------------------
-
-# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
-# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
-# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
-STATE_MANIFEST = "state_manifest.json"
-# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
-# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
-MANIFEST_HASH_LIMIT = 64 * 2**20
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_crc32(path: str) -> int:
-    import zlib
-
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**24), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def state_problem(folder: str) -> Optional[str]:
-    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
-    unreadable trainer_state.json), or None when it is complete."""
-    try:
-        with open(os.path.join(folder, STATE_MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
-    for name, entry in manifest["files"].items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != entry["size"]:
-            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
-        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest"
-        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
-            return f"{name} does not match its CRC-32 in the manifest"
-    try:
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json is unreadable ({type(e).__name__})"
-    return None
-
-
-def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
-    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
-    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
-    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
-    skipped = []
-    for name in reversed(names):
-        folder = os.path.join(root, name)
-        problem = state_problem(folder)
-        if problem is None:
-            return folder, skipped
-        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
-    return None, skipped
-
-
-def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
-    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
-    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
-    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
-    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
-    root, tmp = os.path.dirname(folder), folder + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        files = {}
-        for dirpath, _, names in os.walk(tmp):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
-                if entry["size"] <= MANIFEST_HASH_LIMIT:
-                    entry["sha256"] = file_sha256(path)
-                else:
-                    entry["crc32"] = file_crc32(path)
-        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
-            json.dump({"files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
-        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-class StopOnSignal:
-    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
-    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
-    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
-    the main thread (where Python cannot install handlers) nothing is installed."""
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        self.previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        self.restore()
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def __exit__(self, *exc):
-        self.restore()
-        return False
-
-
-def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
-    """The signal name if any process received one (processes must agree: they all take part in the save)."""
-    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
-    if accelerator.gather(flag).max().item() == 0:
-        return None
-    return stop.received or "a stop signal (on another process)"
-
-
-def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
-    """None when every value is finite, else "<name> diverged at <where>: N NaN and M infinite values" for the first
-    quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
-    answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
-    names = list(quantities)
-    values = [torch.as_tensor(quantities[n]).detach() for n in names]
-    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
-    if reduce is not None:
-        counts = reduce(counts, "sum")
-    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
-        if n_nan or n_inf:
-            return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
-    return None
-
-
-def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
-    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
-    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
-    of processes differs from the interrupted run's: the continuation would silently be another run."""
-    if not args.resume:
-        return None, None
-    if not args.output_dir:
-        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
-    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
-    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
-        print_fn(message)
-    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
-        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
-                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
-        return None, None
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        state = json.load(f)
-    changed = sorted(k for k, v in asdict(args).items()
-                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
-    if changed or state["world_size"] != world_size:
-        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
-                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
-    return folder, state
-
-
-def cut_metrics(output_dir: str, lines: int) -> None:
-    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
-    logged again by the resumed run."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    with open(path) as f:
-        kept = f.readlines()[:lines]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def count_lines(path: str) -> int:
-    with open(path) as f:
-        return sum(1 for _ in f)
-
-
-# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
-RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
-                     "keep_states", "run_eval", "max_eval_samples", "local_eval_batch_size"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------------------
-
-
-def main(args: Args):
-    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the Hugging Face reward model
-    (with `config.reward_bias` set)."""
-    with StopOnSignal() as stop:
-        return train_reward(args, stop)
-
-
-def train_reward(args: Args, stop: StopOnSignal):
+def train_reward(args: Args, stop: "StopOnSignal"):
     """The stage itself; `stop.received` is read once per optimizer step."""
     import datasets
     import pandas as pd
@@ -1647,6 +900,716 @@ def train_reward(args: Args, stop: StopOnSignal):
         accelerator.print(f"saved {args.output_dir} (reward_bias {bias:.4f}, peak memory {peak_memory_gib():.2f} GiB)")
     accelerator.end_training()
     return unwrapped
+
+
+# =========================================================================================================
+# PART 2: PLUMBING. Nothing below changes the math above: logging, launch, datasets, input checks, atomic saves,
+# resumable states, stop signals and divergence, then this stage's own switches and main(). The block up to
+# "end of the shared plumbing" is the same, byte for byte, in sft_tldr.py, reward_tldr.py and ppo_tldr.py
+# (tests/test_consistency.py checks it): read it once.
+# =========================================================================================================
+# Logging and provenance: metrics.jsonl (and W&B with --track), run_info.json
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
+
+    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
+            )
+
+    def log(self, metrics: dict, samples: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"samples": samples, **metrics})
+
+    def table(self, name: str, df) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+
+def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
+    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
+        try:
+            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
+        except ImportError:
+            pass
+    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
+            "python": platform.python_version(), "versions": versions}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch: the accelerator, DeepSpeed, seeds and memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator():
+    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
+
+    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
+    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
+    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
+    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
+    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
+    `deepspeed.initialize`; returns that config (None without DeepSpeed).
+
+    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
+    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
+    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
+    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
+    return ds_config
+
+
+def write_deepspeed_config(accelerator, output_dir: str) -> None:
+    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and accelerator.is_main_process:
+        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets: the hub (the default) or local JSON Lines files in the same schema
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
+    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
+    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
+    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
+    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
+    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
+
+    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
+    Local split files load one at a time: a joint load would impose the first file's column types on every split
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
+    import datasets
+
+    exts = (".jsonl", ".json", ".parquet")
+    if not os.path.isdir(dataset):
+        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
+                   else hub_problem(dataset, "dataset"))
+        if problem:
+            raise ValueError(f"{flag} {dataset}: {problem}")
+    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
+    if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+        try:
+            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
+                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
+                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
+    splits = {}
+    for fname in files:
+        stem, ext = os.path.splitext(fname)
+        if stem in splits:
+            raise ValueError(f"{dataset}: two files for split {stem!r}")
+        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                         f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
+                        try:
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
+        try:
+            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
+# atomically; an older run in the output folder moved aside.
+# ---------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+# what a stage writes into its output folder; a fresh start moves these aside when the folder already holds a run
+RUN_OUTPUTS = ("run_info.json", "metrics.jsonl", "checkpoints", "health", "samples", "dataset", "final_model.tmp",
+               "config.json", "generation_config.json", "model.safetensors*", "model-*.safetensors", "pytorch_model*",
+               "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
+               "merges.txt", "*_table.csv", "*_rewards.csv", "*_calibration.csv", "*_calibration.png")
+PREVIOUS_RUNS = "previous_runs"
+
+
+def check_flags(args, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """A one-line error naming the flag for a size that must be positive (batches, lengths) or a value that must not
+    be negative (learning rate, counts), before the libraries fail on it in a less readable way."""
+    for name, minimum in [(n, 1) for n in positive] + [(n, 0) for n in non_negative]:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} {value}: must be {'positive' if minimum else '0 or more'}")
+
+
+def check_episodes(total_episodes: int, batch_size: int) -> None:
+    """--total_episodes must be whole batches: the remainder would otherwise be dropped without a word."""
+    if total_episodes % batch_size:
+        low = total_episodes // batch_size * batch_size
+        choices = f"{low} or {low + batch_size}" if low else f"{batch_size}"
+        raise ValueError(f"--total_episodes {total_episodes} is not a multiple of --batch_size {batch_size} (the "
+                         f"remainder would be dropped); pass {choices}")
+
+
+def hub_problem(name: str, repo_type: str) -> Optional[str]:
+    """Why `name`, which is no local path, cannot be read from the Hugging Face hub (None when it can): not of the
+    form owner/name, absent from the cache when offline, or unreachable. Checked with one request (no retries), so
+    a mistyped relative folder fails at once instead of after the hub client's retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts) or "\\" in name:
+        return "no such folder (and not a hub name of the form owner/name)"
+    cached = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type=repo_type))
+    if os.path.isdir(cached):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "neither a local folder nor in the hub cache (HF_HUB_OFFLINE is set)"
+    try:
+        (HfApi().model_info if repo_type == "model" else HfApi().dataset_info)(name, timeout=10)
+    except Exception as e:  # not found, gated, no network: all mean the run cannot start
+        return f"neither a local folder nor reachable on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why a .safetensors file is not complete (None when it is): empty, or shorter than its header says. Reads only
+    the header, so a 0-byte or truncated file from a failed save is caught before the load."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{os.path.basename(path)} has {size} bytes (the save did not finish)"
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        except ValueError:
+            header = None
+    if header is None:
+        return f"{os.path.basename(path)} has an unreadable header (the save did not finish)"
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    if size < 8 + header_len + end:
+        return f"{os.path.basename(path)} has {size} bytes, its header needs {8 + header_len + end} (truncated)"
+    return None
+
+
+def weights_problem(folder: str) -> Optional[str]:
+    """Why a model folder holds no complete weights (None when it does): no weights file, a shard missing, or a
+    safetensors file cut short."""
+    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+             if os.path.isfile(os.path.join(folder, n))]
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif index:
+        with open(os.path.join(folder, index[0])) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = ["pytorch_model.bin"]
+    else:
+        return "no model weights (model.safetensors); a run that did not finish saves none"
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"the weights file {name} is missing"
+        problem = safetensors_problem(path) if name.endswith(".safetensors") else None
+        if problem or not os.path.getsize(path):
+            return problem or f"{name} is empty"
+    return None
+
+
+def model_role(config: dict) -> str:
+    """'causal_lm', 'reward_model' (a one-label sequence classifier with the reward_bias that reward_tldr.py writes)
+    or a description of what else a config.json describes."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    def names(mapping):
+        return {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    archs = config.get("architectures") or []
+    if archs and set(archs) <= names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "causal_lm"
+    if archs and set(archs) <= names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if labels == 1 and "reward_bias" in config:
+            return "reward_model"
+        return f"sequence classifier with {labels} labels{'' if 'reward_bias' in config else ' and no reward_bias'}"
+    return f"model of architecture {archs or 'unknown'}"
+
+
+ROLE_NAMES = {"causal_lm": "a causal LM (an SFT or base model folder)",
+              "reward_model": "a reward model (a one-label sequence classifier with reward_bias, from reward_tldr.py)"}
+
+
+def check_model_source(path: str, flag: str, roles: tuple) -> None:
+    """Refuse, before any output, a model path that cannot serve in `roles`: a path that is neither a folder nor a
+    hub model, a folder without config.json, tokenizer files or complete weights (a run whose final save failed),
+    or a folder holding the wrong kind of model (a reward model given as the policy would load with a random LM
+    head). A hub model is checked at load (`load_checked`)."""
+    if not os.path.isdir(path):
+        problem = "is a file, not a model folder" if os.path.exists(path) else hub_problem(path, "model")
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+        return
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ValueError(f"{flag} {path}: no config.json; not a Hugging Face model folder")
+    if not files & set(TOKENIZER_FILES):
+        raise ValueError(f"{flag} {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); the stages save "
+                         f"the tokenizer next to the model (tokenizer.save_pretrained)")
+    problem = weights_problem(path)
+    if problem:
+        raise ValueError(f"{flag} {path}: {problem}")
+    with open(os.path.join(path, "config.json")) as f:
+        role = model_role(json.load(f))
+    if role not in roles:
+        raise ValueError(f"{flag} {path}: holds {ROLE_NAMES.get(role, 'a ' + role)}; expected "
+                         f"{' or '.join(ROLE_NAMES[r] for r in roles)}")
+
+
+def load_checked(auto_class, path: str, flag: str, new_ok: tuple = (), **kwargs):
+    """`auto_class.from_pretrained` that refuses weights missing from, or shaped differently in, the checkpoint
+    (transformers would initialise them at random and only mention it in its load report); `new_ok`: name prefixes
+    that are new by design (the reward head on an SFT model). Returns (model, loading info)."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(new_ok))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ValueError(f"{flag} {path}: {len(missing)} weights missing ({', '.join(missing[:3])}) and "
+                         f"{len(mismatched)} of another shape ({', '.join(mismatched[:3])}) for a "
+                         f"{type(model).__name__}; they would start random")
+    return model, info
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create the output folder and write a probe file into it: a run that could not save its model must fail
+    before it trains, not after."""
+    probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir}: not writable ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def set_aside_previous_run(output_dir: str, print_fn) -> Optional[str]:
+    """A fresh start into a folder that holds a run moves that run's files (`RUN_OUTPUTS`) into
+    <output_dir>/previous_runs/<n>/ and says so: appending to its metrics.jsonl would make one record of two runs,
+    and refusing would stop a requeued job whose first attempt died before it saved a state. Nothing is deleted.
+    Returns the folder they went to (None: nothing to move)."""
+    import fnmatch
+
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not {"run_info.json", "metrics.jsonl", "checkpoints"} & set(names):
+        return None  # no run here (a new folder, or one that holds other things: left alone)
+    moved = [n for n in names if any(fnmatch.fnmatch(n, p) for p in RUN_OUTPUTS)]
+    root = os.path.join(output_dir, PREVIOUS_RUNS)
+    os.makedirs(root, exist_ok=True)
+    number = 1 + max([int(n) for n in os.listdir(root) if n.isdigit()], default=0)
+    dest = os.path.join(root, str(number))
+    os.makedirs(dest)
+    for name in moved:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    print_fn(f"warning: {output_dir} holds an earlier run; this fresh start moved its {len(moved)} files "
+             f"({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}) to {dest}")
+    return dest
+
+
+def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict=None, extra=None) -> None:
+    """Save the final Hugging Face folder as the resumable states are: everything into <output_dir>/final_model.tmp,
+    then moved into place with the weights last, so an interrupted or failed save never leaves a config.json next to
+    a partial model.safetensors (which the next stage refuses; see `weights_problem`). `extra(folder)` writes more
+    files (a generation config) into the temporary folder on the main process."""
+    tmp = os.path.join(output_dir, "final_model.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    model.save_pretrained(tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                          state_dict=state_dict)
+    # every rank's save_pretrained touches the folder (it creates and lists it), so none may still be inside it
+    # when the main process empties and removes it: a late rank would re-create it or fail to list it
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: (n.startswith(("model", "pytorch_model")), n))  # weights last
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+        os.rmdir(tmp)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resumable training state, stop signals and divergence
+# ---------------------------------------------------------------------------------------------------------
+
+# Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
+# when complete; the last file written into it is a manifest of every file's size and checksum, so a state cut
+# short by a crash, a full disk or a copy, or with a flipped byte, is recognised and skipped on resume.
+STATE_MANIFEST = "state_manifest.json"
+# files up to 64 MiB (metadata, RNG states) get a SHA-256; larger ones (weights, optimizer) a CRC-32, which also
+# catches any flipped byte at half the cost (README "Faults and bad input": ~1 s/GiB against ~2 s/GiB here)
+MANIFEST_HASH_LIMIT = 64 * 2**20
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_crc32(path: str) -> int:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def state_problem(folder: str) -> Optional[str]:
+    """Why the state in `folder` cannot be resumed from (missing manifest, missing, truncated or altered file, an
+    unreadable trainer_state.json), or None when it is complete."""
+    try:
+        with open(os.path.join(folder, STATE_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no readable {STATE_MANIFEST} (the save did not finish: {type(e).__name__})"
+    for name, entry in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != entry["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+        if "crc32" in entry and file_crc32(path) != entry["crc32"]:
+            return f"{name} does not match its CRC-32 in the manifest"
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({type(e).__name__})"
+    return None
+
+
+def latest_valid_state(root: str) -> tuple[Optional[str], list[str]]:
+    """The newest complete state folder under `root` and one message per newer state skipped as incomplete or
+    corrupt; leftover `.tmp` folders (a save killed midway) are never candidates."""
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    skipped = []
+    for name in reversed(names):
+        folder = os.path.join(root, name)
+        problem = state_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"skipping the state {folder}: {problem}; trying the previous one")
+    return None, skipped
+
+
+def save_state_atomic(accelerator, folder: str, state: dict, keep: int) -> None:
+    """Save a resumable state into `folder`: model(s), optimizer, every process's RNG states (accelerate's
+    `save_state`, which also handles DeepSpeed's partitioned optimizer), `state` as trainer_state.json, then the
+    manifest. Everything goes into `folder.tmp`, renamed only when complete, so a process killed mid-save leaves
+    the previous states intact. Afterwards only the newest `keep` states in the parent folder are kept."""
+    root, tmp = os.path.dirname(folder), folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                entry = files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path)}
+                if entry["size"] <= MANIFEST_HASH_LIMIT:
+                    entry["sha256"] = file_sha256(path)
+                else:
+                    entry["crc32"] = file_crc32(path)
+        with open(os.path.join(tmp, STATE_MANIFEST), "w") as f:
+            json.dump({"files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        states = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))
+        for name in states[: max(len(states) - keep, 0)] + [n for n in os.listdir(root) if n.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class StopOnSignal:
+    """SIGTERM (Slurm preemption, `scancel`, torchrun) and SIGINT (Ctrl-C) set a flag instead of killing the run;
+    the training loop reads `received` once per step at a safe point, saves a state and exits. A second signal gets
+    the previous behaviour back (a second Ctrl-C interrupts at once). The handlers are restored on exit; outside
+    the main thread (where Python cannot install handlers) nothing is installed."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
+    """The signal name if any process received one (processes must agree: they all take part in the save)."""
+    flag = torch.tensor([0.0 if stop.received is None else 1.0], device=accelerator.device)
+    if accelerator.gather(flag).max().item() == 0:
+        return None
+    return stop.received or "a stop signal (on another process)"
+
+
+def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
+    """None when every value is finite, else "<name> diverged at <where>: N NaN and M infinite values" for the first
+    quantity that is not. `reduce` (accelerator.reduce) sums the counts over processes, so all ranks see the same
+    answer and stop together, instead of one rank raising while the others wait forever in the next collective."""
+    names = list(quantities)
+    values = [torch.as_tensor(quantities[n]).detach() for n in names]
+    counts = torch.stack([torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in values])  # (n, 2)
+    if reduce is not None:
+        counts = reduce(counts, "sum")
+    for name, (n_nan, n_inf) in zip(names, counts.tolist()):  # one device sync
+        if n_nan or n_inf:
+            return f"{name} diverged at {where}: {n_nan} NaN and {n_inf} infinite values"
+    return None
+
+
+def resume_state(args, world_size: int, resumable_changes: set, print_fn) -> tuple[Optional[str], Optional[dict]]:
+    """With --resume: the newest complete state under <output_dir>/checkpoints and its trainer_state.json, or
+    (None, None) when there is none (a fresh start). Refused when a flag outside `resumable_changes` or the number
+    of processes differs from the interrupted run's: the continuation would silently be another run."""
+    if not args.resume:
+        return None, None
+    if not args.output_dir:
+        raise ValueError("--resume needs --output_dir (the folder whose checkpoints/ to continue from)")
+    folder, skipped = latest_valid_state(os.path.join(args.output_dir, "checkpoints"))
+    for message in skipped:  # a state cut short by a crash or corrupted on disk: fall back to the one before
+        print_fn(message)
+    if folder is None:  # a requeued job that died before its first save, or only corrupt states: said loudly
+        print_fn(f"WARNING: --resume found no usable state in {os.path.join(args.output_dir, 'checkpoints')} "
+                 f"({len(skipped)} skipped); starting a FRESH run (an earlier run's files there are moved aside)")
+        return None, None
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    changed = sorted(k for k, v in asdict(args).items()
+                     if k not in resumable_changes and json.loads(json.dumps(v)) != state["args"].get(k))
+    if changed or state["world_size"] != world_size:
+        raise ValueError(f"cannot resume {folder}: flags {changed} or the number of processes "
+                         f"({state['world_size']} -> {world_size}) differ from the interrupted run")
+    return folder, state
+
+
+def cut_metrics(output_dir: str, lines: int) -> None:
+    """Keep the first `lines` records of metrics.jsonl: what the interrupted run logged after its last state is
+    logged again by the resumed run."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        kept = f.readlines()[:lines]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+# ---- end of the shared plumbing; below, this stage's own
+
+
+def comparison_problem(info, summaries, choice, cnndm: bool, name: str) -> Optional[str]:
+    """Why a comparison row is skipped (None: keep it); a ValueError naming the row when it is malformed.
+
+    Malformed, an error (the data is not in the hub schema and guessing would train on wrong labels): no `info`;
+    `summaries` not exactly two entries with a string `text` and `policy`; `choice` not 0 or 1; a TL;DR row whose
+    subreddit, title or post is not a string (e.g. a CNN/DM article row outside the CNN/DM batches); a CNN/DM row
+    without a string article. Skipped, counted and logged (well-formed but nothing to compare): an empty post or
+    article ("empty_post", "empty_article") and a summary with no text ("empty_summary"), whose response would be a
+    bare EOS."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{name}: no `info` (expected id, subreddit, title, post, article, site)")
+    if not (isinstance(summaries, list) and len(summaries) == 2 and all(
+            isinstance(s, dict) and isinstance(s.get("text"), str) and isinstance(s.get("policy"), str)
+            for s in summaries)):
+        raise ValueError(f"{name}: `summaries` must be two entries with a string `text` and `policy`, "
+                         f"got {summaries!r:.300}")
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise ValueError(f"{name}: `choice` must be 0 or 1, got {choice!r}")
+    if cnndm:
+        if not isinstance(info.get("article"), str):
+            raise ValueError(f"{name}: a CNN/DM row (batch in {CNNDM_BATCHES}) needs a string info.article")
+        if not info["article"].strip():
+            return "empty_article"
+    else:
+        bad = {k: info.get(k) for k in ("subreddit", "title", "post") if not isinstance(info.get(k), str)}
+        if bad:
+            raise ValueError(f"{name}: info fields {bad} must be strings (rows with an article instead of a post must "
+                             f"come from a CNN/DM batch {CNNDM_BATCHES})")
+        if not info["post"].strip():
+            return "empty_post"
+    if any(not s["text"].strip() for s in summaries):
+        return "empty_summary"
+    return None
+
+
+def check_comparison_columns(dataset) -> None:
+    for split, ds in dataset.items():
+        missing = [c for c in COMPARISON_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(COMPARISON_COLUMNS)} (+ extra)")
+
+
+def check_comparison_rows(dataset) -> None:
+    """Check every row of every split before --total_episodes and --max_eval_samples cut and shuffle them: a missing
+    column or a malformed row (`comparison_problem`) is an error naming the split and the row of its file, so a
+    bad row fails a smoke run too. Text only, no tokenizing: cheap."""
+    check_comparison_columns(dataset)
+    for split, ds in dataset.items():
+        for i, row in enumerate(ds.select_columns(["info", "summaries", "choice", "batch"])):
+            info, summaries, name, cnndm = comparison_fields(row, i, split)
+            comparison_problem(info, summaries, row["choice"], cnndm, name)
+
+
+def plot_calibration(table, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = np.linspace(0, max(float(table["margin_high"].max()), 1.0), 200)
+    ax.plot(xs, 1 / (1 + np.exp(-xs)), "--", color="gray", label="calibrated: sigmoid(|margin|)")
+    ax.plot(table["margin_mid"], table["accuracy"], "o-", label="reward model (labels: pairs per bin)")
+    for x, y, n in zip(table["margin_mid"], table["accuracy"], table["pairs"]):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xlabel="|r_chosen - r_rejected| (bin mid, width 0.5)", ylabel="accuracy", ylim=(-0.05, 1.1), title=title)
+    ax.grid(ls="--", alpha=0.5)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Flags that may change between an interrupted run and its resumption; any other change would alter the run.
+RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
+                     "keep_states", "run_eval", "max_eval_samples", "local_eval_batch_size"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    """Run the stage with SIGTERM/SIGINT turned into "save a state and exit"; returns the Hugging Face reward model
+    (with `config.reward_bias` set)."""
+    with StopOnSignal() as stop:
+        return train_reward(args, stop)
 
 
 if __name__ == "__main__":

@@ -15,43 +15,16 @@ What it does, top to bottom:
   4. saves a standard Hugging Face folder (safetensors, tokenizer with its pad token, generation config) that
      `reward_tldr.py` and `ppo_tldr.py` load with `from_pretrained`.
 
-Deviations from the reference code (each deliberate):
-  * The SFT training sequence is the token concatenation `query_token + reference_response_token` instead of
-    re-encoding `decode(query_token).strip() + " summary<EOS>"` [N+ 1.A.8]: the model trains on exactly the tokens it
-    later generates after. The two differ where the decode changes the text: transformers 4.33 (the reference's)
-    decoded with `clean_up_tokenization_spaces=True`, which rewrites " ." " ," " 's" ... in posts that contain them
-    (none of the synthetic or fixture rows; not measured on the hub's posts; README "Re-encoding"). Without that
-    clean-up both give the same ids for the byte-level BPE tokenizers checked (SmolLM2, the tests' tokenizer).
-  * Generation clears `eos_token_id` from the model's generation config and samples `max_new_tokens` tokens
-    without `min_new_tokens`. With transformers 5, `min_new_tokens == max_new_tokens` plus an EOS id restored
-    from the model's own generation config suppresses EOS entirely (peers-and-pitfalls, transformers#42762).
-  * ROUGE uses the `rouge-score` package directly (what `evaluate.load("rouge")` wraps) and averages over all
-    examples instead of per-batch means.
-  * Trailing columns that are padding in the whole micro-batch are trimmed before the forward pass. Causal
-    attention makes this exact; it only skips work.
-  * With accelerate >= 1.0, DeepSpeed's `gradient_clipping: auto` becomes 1.0; the reference clips nothing
-    [N+ 1.D.21], so the DeepSpeed config gets `gradient_clipping = 0` unless `--max_grad_norm` is set (the same in
-    every stage, `configure_deepspeed`).
-
 Launch:
   python sft_tldr.py                                          # paper defaults, one GPU (grad-accum keeps batch 128)
   accelerate launch --config_file benchmark/accelerate/deepspeed_zero2.yaml sft_tldr.py --seed 44413
   python sft_tldr.py --base_model models/smollm2-135m --dataset data/tldr_synth/sft \
       --batch_size 8 --total_episodes 64 --max_eval_samples 16 --output_dir runs/sft_smoke   # tiny CPU run
 
-Faults (README "Faults and bad input"): --save_every N writes a resumable state (atomic, checked by a manifest,
-newest --keep_states kept) and --resume continues from the newest complete one; SIGTERM/SIGINT save a state and exit
-(143/130); a NaN or Inf loss stops the run at once, naming the quantity, the step and the last good state.
-Bad flags, paths, model folders (checked for their role and complete weights) and data rows (whole splits, before any
-cut) are one-line errors before any output; a fresh start moves an older run in --output_dir to previous_runs/<n>/;
-the final model is written atomically.
-
-Metrics (appended to <output_dir>/metrics.jsonl, x-axis `samples` = training sequences seen):
-  train/sft/loss, train/sft/lr                      mean token cross-entropy over the grad-accum window, LR
-  {validation,test}/sft/loss                        teacher-forced loss on cat(query, reference response)
-  {validation,test}/sft/rouge/{rouge1,rouge2,rougeL} ROUGE F-measure of T=0.01 samples against the reference
-  data/{split}/rows, data/{split}/skipped/{reason}  rows used; rows skipped (empty post or summary, see
-                                                    `sft_row_problem`); malformed rows and duplicate ids are errors
+Deviations from the reference code (token concatenation instead of re-encoding, EOS-safe generation, ROUGE via
+`rouge-score`, ...), fault handling and every metric: README "Stage notes", `sft_tldr.py`. The main metrics
+(<output_dir>/metrics.jsonl, x-axis `samples` = training sequences seen): train/sft/loss,
+{validation,test}/sft/loss and {validation,test}/sft/rouge/{rouge1,rouge2,rougeL}.
 """
 
 import json
@@ -257,70 +230,6 @@ def response_tokens(tokenizer, text: str, response_length: int) -> tuple[list[in
     return ids[:response_length], len(ids) > response_length
 
 
-def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
-    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
-    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
-    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
-    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
-    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
-
-    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
-    Local split files load one at a time: a joint load would impose the first file's column types on every split
-    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
-    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
-    file) are errors naming `flag`, the file and the line."""
-    import datasets
-
-    exts = (".jsonl", ".json", ".parquet")
-    if not os.path.isdir(dataset):
-        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
-                   else hub_problem(dataset, "dataset"))
-        if problem:
-            raise ValueError(f"{flag} {dataset}: {problem}")
-    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
-    if not files:
-        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
-                                              for _, _, names in os.walk(dataset) for f in names):
-            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
-        try:
-            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
-        except RuntimeError as e:
-            if "scripts are no longer supported" not in str(e):
-                raise
-            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
-                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
-                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
-    splits = {}
-    for fname in files:
-        stem, ext = os.path.splitext(fname)
-        if stem in splits:
-            raise ValueError(f"{dataset}: two files for split {stem!r}")
-        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
-        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
-            rows = 0
-            with open(path, "rb") as f:
-                for line_number, line in enumerate(f, 1):
-                    try:
-                        text = line.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
-                                         f"{e.start} of the line)") from None
-                    rows += bool(text.strip())
-                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
-                        try:
-                            json.loads(text)
-                        except ValueError as e:
-                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
-                                             f"file?)") from None
-            if not rows:
-                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
-        try:
-            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
-        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
-            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
-    return datasets.DatasetDict(splits)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Helper math [N+ 2]
 # ---------------------------------------------------------------------------------------------------------
@@ -421,159 +330,8 @@ def generate(model, queries: torch.Tensor, pad_token_id: int, generation_config)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Logging and provenance
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Logger:
-    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
-
-    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.is_main = is_main
-        self.wandb = None
-        if is_main and args.track:
-            import wandb
-
-            self.wandb = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
-            )
-
-    def log(self, metrics: dict, samples: int) -> None:
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({"samples": samples, **metrics})
-
-    def table(self, name: str, df) -> None:
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({name: wandb.Table(dataframe=df)})
-
-
-def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
-    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    versions = {}
-    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
-        try:
-            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
-        except ImportError:
-            pass
-    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
-    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
-            "python": platform.python_version(), "versions": versions}
-    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-
-
-def make_accelerator():
-    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
-
-    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
-    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
-    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
-    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    on_cpu = not torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
-    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
-
-
-def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
-    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
-    `deepspeed.initialize`; returns that config (None without DeepSpeed).
-
-    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
-    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
-    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
-    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return None
-    ds_config = plugin.deepspeed_config
-    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
-    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
-    return ds_config
-
-
-def write_deepspeed_config(accelerator, output_dir: str) -> None:
-    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and accelerator.is_main_process:
-        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Data pipeline and evaluation
 # ---------------------------------------------------------------------------------------------------------
-
-
-def sft_row_problem(row: dict, name: str) -> Optional[str]:
-    """Why an SFT row is skipped (None: keep it); a ValueError naming the row when it is malformed.
-
-    Malformed, an error (the data is not in the hub schema): subreddit, title, post or summary not a string (a
-    number, a list, null), an id that is neither a string nor an integer. Skipped, counted and logged (well-formed
-    but nothing to learn from): an empty post ("empty_post") and an empty summary ("empty_summary"), whose reference
-    response would be a bare EOS."""
-    bad = {k: row[k] for k in ("subreddit", "title", "post", "summary") if not isinstance(row[k], str)}
-    if bad or isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
-        raise ValueError(f"{name}: id must be a string or an integer and subreddit, title, post, summary strings; "
-                         f"got {({'id': row['id'], **bad})!r:.300}")
-    if not row["post"].strip():
-        return "empty_post"
-    if not row["summary"].strip():
-        return "empty_summary"
-    return None
-
-
-def drop_bad_rows(dataset):
-    """Check every split's rows before use: a missing column, a malformed row or a repeated id is an error naming the
-    split and row; rows with an empty post or summary are dropped and counted by reason in
-    skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
-    from collections import Counter
-
-    required = ("id", "subreddit", "title", "post", "summary")
-    skipped = {}
-    for split, ds in dataset.items():
-        missing = [c for c in required if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
-        repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
-        if repeated:  # the same post twice is a data-preparation error: trained, sampled or evaluated twice
-            rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
-            raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
-        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
-        skipped[split] = dict(Counter(r for r in reasons if r))
-        if skipped[split]:
-            dataset[split] = ds.select([i for i, r in enumerate(reasons) if not r])
-    return dataset, skipped
 
 
 def tokenize_sft(dataset, tokenizer, args: Args):
@@ -642,8 +400,417 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Training: the stage itself, read top to bottom
+# ---------------------------------------------------------------------------------------------------------
+def train_sft(args: Args, stop: "StopOnSignal"):
+    """The stage itself; `stop.received` is read once per optimizer step."""
+    import pandas as pd
+    from accelerate.utils import broadcast_object_list
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
+    check_flags(args, positive=("batch_size", "local_micro_batch_size", "num_train_epochs", "query_length",
+                                "response_length", "local_eval_batch_size"),
+                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
+                              "max_eval_samples", "eval_temperature"))
+    if args.total_episodes:
+        check_episodes(args.total_episodes, args.batch_size)
+    check_model_source(args.base_model, "--base_model", ("causal_lm",))
+    tokenizer = load_tokenizer(args.base_model)
+    dataset = load_splits(args.dataset, revision=args.dataset_revision)
+    if "train" not in dataset:
+        raise ValueError(f"{args.dataset} has no 'train' split (found {list(dataset)})")
+    missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
+    if missing:
+        raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
+    # the whole of every split is checked (text only, cheap) before --total_episodes and --max_eval_samples cut it:
+    # a bad row or a repeated id fails a smoke run too, and the errors name rows of the files
+    dataset, skipped = drop_bad_rows(dataset)
+    eval_keys = {split: split for split in args.eval_splits}  # evaluated split -> its key in `dataset`
+    if "train" in eval_keys:  # sampling the training posts (e.g. for comparisons): kept apart from the training cut
+        eval_keys["train"] = "train_evaluated"
+        dataset["train_evaluated"], skipped["train_evaluated"] = dataset["train"], skipped["train"]
+    if args.max_eval_samples is not None:
+        for key in eval_keys.values():
+            dataset[key] = dataset[key].select(range(min(args.max_eval_samples, len(dataset[key]))))
+    if args.total_episodes is not None:  # tokenize only what is used
+        used = min(args.total_episodes, len(dataset["train"]))
+        dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
+
+    accelerator = make_accelerator()
+    with accelerator.main_process_first():
+        dataset, _ = tokenize_sft(dataset, tokenizer, args)  # the rows were checked above: nothing more is skipped
+    data_metrics = {}
+    for split, ds in dataset.items():
+        data_metrics[f"data/{split}/rows"] = len(ds)
+        for reason, n in sorted(skipped[split].items()):
+            data_metrics[f"data/{split}/skipped/{reason}"] = n
+            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see sft_row_problem)")
+        cut = sum(ds["reference_response_truncated"]) if len(ds) else 0  # an empty split gets no new columns
+        if cut:
+            accelerator.print(f"warning: {cut}/{len(ds)} {split} summaries exceed {args.response_length} tokens and were truncated (EOS lost)")
+    derived = derive(args, accelerator.num_processes, len(dataset["train"]))  # rows left after the skips
+    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
+    checkpoint, resumed = resume_state(args, derived.world_size, RESUMABLE_CHANGES, accelerator.print)
+    run_name = resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = broadcast_object_list([run_name])[0]  # one name for all ranks
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    # [N+ 1.B.9] each process gets its own seed for sampling; data order comes from the global seed below
+    local_seed = args.seed + accelerator.process_index * 100003
+    seed_everything(local_seed)
+    if not args.preprocess_only:  # loaded before any output: a missing weight is refused first
+        model, _ = load_checked(AutoModelForCausalLM, args.base_model, "--base_model", dtype=torch.float32)
+    check_output_dir(args.output_dir)
+    if accelerator.is_main_process:
+        if resumed is None:  # a fresh run never appends to an older run's records
+            set_aside_previous_run(args.output_dir, accelerator.print)
+        write_run_info(args.output_dir, args, derived)
+
+    if args.preprocess_only:
+        if accelerator.is_main_process:
+            dataset.save_to_disk(os.path.join(args.output_dir, "dataset"))
+            tokenizer.save_pretrained(args.output_dir)
+        accelerator.print(f"saved the tokenized dataset and tokenizer to {args.output_dir}")
+        return
+
+    fit_embeddings(model, tokenizer)  # [N+ 1.A.1] resize only when the pad id has no row
+    disable_dropout(model)  # [N+ 1.B.2]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
+    )  # [N+ 1.B.6]
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(derived.num_updates, 1))
+    # [N+ 1.B.9] one shuffled order for all processes, drawn from the global seed (no rows: evaluation only)
+    train = dataset["train"].with_format("torch", columns=["query_reference_response_token"]) if derived.num_updates else []
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=args.local_micro_batch_size, shuffle=bool(derived.num_updates), drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    # the scheduler is not prepared: accelerate would step it once per process, and num_updates already
+    # counts global batches; it is stepped once per optimizer step below [N+ 1.B.7]
+    configure_deepspeed(accelerator, args.local_micro_batch_size, args.max_grad_norm)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    write_deepspeed_config(accelerator, args.output_dir)
+    accelerator.register_for_checkpointing(scheduler)  # saved and restored with the model and optimizer
+    update = 0  # optimizer steps done
+    if resumed is not None:
+        accelerator.load_state(checkpoint)  # weights, optimizer, scheduler and this rank's RNG states
+        update = resumed["update"]
+        if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
+            cut_metrics(args.output_dir, resumed["metrics_lines"])
+        accelerator.print(f"resumed from {checkpoint} at optimizer step {update + 1}")
+    last_state = checkpoint  # the newest good state on disk, named when the run diverges
+    logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
+    if resumed is None:  # a resumed run kept this record in metrics.jsonl
+        logger.log(data_metrics, 0)
+    accelerator.print(
+        f"{derived.total_episodes} sequences, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
+        f"{derived.gradient_accumulation_steps} accumulation x {derived.world_size} processes -> {derived.num_updates} updates"
+    )
+
+    # ---- training [N+ 1.B.3-8]
+    pad = tokenizer.pad_token_id
+    model.train()
+    start, samples, window = time.time(), update * args.batch_size, []
+    micro_steps = derived.num_updates * derived.gradient_accumulation_steps
+    progress = tqdm(total=derived.num_updates, initial=update, disable=not accelerator.is_local_main_process,
+                    desc="sft")
+
+    def micro_batches():  # endless: a new shuffled epoch when one is used up (total_episodes above one pass)
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    def save_resumable() -> str:
+        """A resumable state after optimizer step `update` (`save_state_atomic`); returns its folder."""
+        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
+        save_state_atomic(accelerator, path, {
+            "update": update, "samples": samples, "run_name": run_name, "world_size": derived.world_size,
+            "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
+            "args": json.loads(json.dumps(asdict(args))),
+        }, args.keep_states)
+        return path
+
+    def stop_if_diverged(quantities: dict, where: str) -> None:
+        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). The check runs
+        before the backward pass, so the weights are still those after optimizer step `update`: they are saved as
+        its state (unless it is on disk already), so the last good state is never lost."""
+        problem = find_divergence(quantities, where, accelerator.reduce)
+        if problem is None:
+            return
+        kept = last_state
+        if update > 0 and last_state != os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}"):
+            kept = save_resumable()
+        progress.close()
+        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
+                                 f"{kept or 'none (it diverged before the first optimizer step)'}")
+
+    batches = micro_batches()
+    for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
+        next(batches)
+    for micro_step in range(update * derived.gradient_accumulation_steps, micro_steps):
+        batch = next(batches)
+        ids = trim_padding_columns(batch["query_reference_response_token"], pad, "right")
+        with accelerator.accumulate(model):
+            loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
+            stop_if_diverged({"train/sft/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
+            accelerator.backward(loss)
+            if args.max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        window.append(loss.detach())
+        if accelerator.sync_gradients:
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            update += 1
+            samples += args.batch_size
+            loss_mean = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
+            window = []
+            logger.log({"train/sft/loss": loss_mean, "train/sft/lr": lr}, samples)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_mean:.3f}")
+            # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
+            signal_name = stop_signal_received(accelerator, stop)
+            periodic = args.save_every > 0 and update % args.save_every == 0
+            if update < derived.num_updates and (periodic or signal_name):
+                last_state = save_resumable()
+            if signal_name and update < derived.num_updates:
+                progress.close()
+                accelerator.print(f"received {signal_name}: saved the state of optimizer step {update} in "
+                                  f"{last_state}; run the same command with --resume to continue")
+                accelerator.end_training()
+                raise SystemExit(143 if signal_name == "SIGTERM" else 130)
+    progress.close()
+    stop.restore()  # evaluation and the final save are not resumable: from here a signal acts as usual
+    train_time = time.time() - start
+
+    # ---- evaluation [N+ 1.B.13]
+    unwrapped = accelerator.unwrap_model(model)
+    model.eval()
+    prepare_for_sampling(unwrapped)
+    gen_config = sampling_config(args.response_length, args.eval_temperature)
+    if args.stop_generation_at_eos:  # finished rows are filled with the pad id, truncate_response keeps the EOS
+        gen_config.eos_token_id, gen_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if args.run_eval:
+        for split in args.eval_splits:
+            loss, rouge, table = evaluate(model, tokenizer, dataset[eval_keys[split]], args, accelerator, gen_config)
+            metrics = {f"{split}/sft/loss": loss, **{f"{split}/sft/rouge/{k}": v for k, v in rouge.items()}}
+            logger.log(metrics, samples)
+            accelerator.print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if accelerator.is_main_process:
+                df = pd.DataFrame(table)
+                df.to_csv(os.path.join(args.output_dir, f"{split}_table.csv"), index=False)
+                logger.table(f"eval/{split}_query_responses", df)
+    logger.log({"time/train_seconds": train_time, "time/peak_memory_gib": peak_memory_gib()}, samples)
+
+    # ---- save a standard Hugging Face folder [N+ 1.B.14]
+    accelerator.wait_for_everyone()
+    # the saved generation config stops at EOS (what users of the checkpoint expect) with our eval sampling
+    unwrapped.generation_config = sampling_config(args.response_length, args.eval_temperature)
+    unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
+    unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+    save_model_atomic(unwrapped, tokenizer, args.output_dir, accelerator, state_dict=accelerator.get_state_dict(model))
+    accelerator.print(f"saved {args.output_dir} ({train_time:.0f}s training, peak memory {peak_memory_gib():.2f} GiB)")
+    accelerator.end_training()
+    return unwrapped
+
+
+# =========================================================================================================
+# PART 2: PLUMBING. Nothing below changes the math above: logging, launch, datasets, input checks, atomic saves,
+# resumable states, stop signals and divergence, then this stage's own switches and main(). The block up to
+# "end of the shared plumbing" is the same, byte for byte, in sft_tldr.py, reward_tldr.py and ppo_tldr.py
+# (tests/test_consistency.py checks it): read it once.
+# =========================================================================================================
+# Logging and provenance: metrics.jsonl (and W&B with --track), run_info.json
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One logging path: metrics.jsonl always, Weights & Biases with --track; silent off the main process."""
+
+    def __init__(self, output_dir: str, is_main: bool, args: Args, run_name: str):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.is_main = is_main
+        self.wandb = None
+        if is_main and args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=asdict(args)
+            )
+
+    def log(self, metrics: dict, samples: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"samples": samples, **metrics})
+
+    def table(self, name: str, df) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+
+def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
+    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    versions = {}
+    for pkg in ("torch", "transformers", "accelerate", "datasets", "tyro", "rouge_score", "deepspeed"):
+        try:
+            versions[pkg] = getattr(__import__(pkg), "__version__", "installed")
+        except ImportError:
+            pass
+    # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
+    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
+            "python": platform.python_version(), "versions": versions}
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch: the accelerator, DeepSpeed, seeds and memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator():
+    """The stage's Accelerator, on GPUs and on CPU, with or without DeepSpeed.
+
+    Without DeepSpeed, accelerate forms a multi-process CPU group (gloo) only when told it runs on CPU. But `cpu=True`
+    also drops a DeepSpeed launch without a word (the run becomes plain data parallel), so under DeepSpeed it is not
+    set; on CPU the gloo backend is then named, since accelerate leaves it unset there, counts one process while
+    DeepSpeed counts all of them, and DeepSpeed's batch-size check fails. Harmless with one process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else []
+    return Accelerator(cpu=on_cpu and not deepspeed, kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator, local_micro_batch_size: int, max_grad_norm: Optional[float]) -> Optional[dict]:
+    """Set what `accelerator.prepare` must not fill in itself in the DeepSpeed config it hands to
+    `deepspeed.initialize`; returns that config (None without DeepSpeed).
+
+    With accelerate >= 1.0, `gradient_clipping: auto` (or no key, as in the accelerate configs here) becomes 1.0 at
+    `prepare`, while the reference clipped no gradient in any stage [N+ 1.D.21]: the value is `max_grad_norm`, 0 (no
+    clipping) when None, as without DeepSpeed. The micro-batch is set explicitly because PPO prepares no DataLoader
+    to read it from; gradient accumulation comes from `accelerator.gradient_accumulation_steps`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = local_micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0  # [N+ 1.D.21]
+    return ds_config
+
+
+def write_deepspeed_config(accelerator, output_dir: str) -> None:
+    """After `prepare`: the DeepSpeed config as resolved by accelerate ("auto" values filled in), for provenance."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and accelerator.is_main_process:
+        with open(os.path.join(output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(plugin.deepspeed_config, f, indent=2, default=str)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets: the hub (the default) or local JSON Lines files in the same schema
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_splits(dataset: str, subset: Optional[str] = None, revision: Optional[str] = None, flag: str = "--dataset"):
+    """A DatasetDict from a local folder holding one .jsonl/.json/.parquet file per split (the file's stem is the
+    split name), or from a dataset repository of plain data files: a hub name, or a local folder laid out like one
+    (split files in subfolders, e.g. `data/train-00000-of-00001.parquet`), both read by the same
+    `datasets.load_dataset(dataset, data_dir=subset, revision=revision)`. `subset` is the folder of one configuration
+    (the hub's parquet conversion has `comparisons/train/0000.parquet`), `revision` a branch, tag or commit.
+
+    `datasets` >= 4 refuses repositories that hold a loading script instead of data; the error names the fix.
+    Local split files load one at a time: a joint load would impose the first file's column types on every split
+    (a column that is null in train but text in validation fails). A path that is a file or neither a folder nor a
+    hub dataset, a folder without data files, an empty file and a JSON Lines line that does not parse (a truncated
+    file) are errors naming `flag`, the file and the line."""
+    import datasets
+
+    exts = (".jsonl", ".json", ".parquet")
+    if not os.path.isdir(dataset):
+        problem = ("is a file; pass the folder that holds one file per split" if os.path.exists(dataset)
+                   else hub_problem(dataset, "dataset"))
+        if problem:
+            raise ValueError(f"{flag} {dataset}: {problem}")
+    files = sorted(f for f in os.listdir(dataset) if os.path.splitext(f)[1] in exts) if os.path.isdir(dataset) else []
+    if not files:
+        if os.path.isdir(dataset) and not any(os.path.splitext(f)[1] in exts + (".py",)
+                                              for _, _, names in os.walk(dataset) for f in names):
+            raise ValueError(f"{dataset}: no .jsonl, .json or .parquet files (one per split expected)")
+        try:
+            return datasets.load_dataset(dataset, data_dir=subset, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            raise ValueError(f"{dataset} at revision {revision or 'main'} is a dataset loading script, which datasets "
+                             f"{datasets.__version__} refuses ({e}); load its parquet conversion instead: "
+                             f"--dataset_revision refs/convert/parquet (README, 'Datasets')") from e
+    splits = {}
+    for fname in files:
+        stem, ext = os.path.splitext(fname)
+        if stem in splits:
+            raise ValueError(f"{dataset}: two files for split {stem!r}")
+        builder, path = "parquet" if ext == ".parquet" else "json", os.path.join(dataset, fname)
+        if builder == "json":  # the JSON reader accepts bytes that are not UTF-8 and fails later, at a read
+            rows = 0
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{path}: line {line_number} is not valid UTF-8 ({e.reason} at byte "
+                                         f"{e.start} of the line)") from None
+                    rows += bool(text.strip())
+                    if ext == ".jsonl" and text.strip():  # the reader names no line: find it here
+                        try:
+                            json.loads(text)
+                        except ValueError as e:
+                            raise ValueError(f"{path}: line {line_number} is not valid JSON ({e}; a truncated "
+                                             f"file?)") from None
+            if not rows:
+                raise ValueError(f"{path}: the file is empty (split {stem!r} has no rows)")
+        try:
+            splits[stem] = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # bytes that are not UTF-8, a line that is not JSON, ...: name the file
+            raise ValueError(f"{path}: cannot be read as a {ext} split ({type(e).__name__}: {e})") from e
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checks before any output is written: flags, paths, model folders and the output folder; the final model saved
-# atomically; an older run in the output folder moved aside. Copied verbatim into every stage file.
+# atomically; an older run in the output folder moved aside.
 # ---------------------------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
@@ -868,7 +1035,7 @@ def save_model_atomic(model, tokenizer, output_dir: str, accelerator, state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Resumable training state, stop signals and divergence. Copied verbatim into reward_tldr.py and ppo_tldr.py.
+# Resumable training state, stop signals and divergence
 # ---------------------------------------------------------------------------------------------------------
 
 # Resumable states: every state is a folder <output_dir>/checkpoints/<name>, written into <name>.tmp and renamed
@@ -1069,6 +1236,50 @@ def count_lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
+# ---- end of the shared plumbing; below, this stage's own
+
+
+def sft_row_problem(row: dict, name: str) -> Optional[str]:
+    """Why an SFT row is skipped (None: keep it); a ValueError naming the row when it is malformed.
+
+    Malformed, an error (the data is not in the hub schema): subreddit, title, post or summary not a string (a
+    number, a list, null), an id that is neither a string nor an integer. Skipped, counted and logged (well-formed
+    but nothing to learn from): an empty post ("empty_post") and an empty summary ("empty_summary"), whose reference
+    response would be a bare EOS."""
+    bad = {k: row[k] for k in ("subreddit", "title", "post", "summary") if not isinstance(row[k], str)}
+    if bad or isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise ValueError(f"{name}: id must be a string or an integer and subreddit, title, post, summary strings; "
+                         f"got {({'id': row['id'], **bad})!r:.300}")
+    if not row["post"].strip():
+        return "empty_post"
+    if not row["summary"].strip():
+        return "empty_summary"
+    return None
+
+
+def drop_bad_rows(dataset):
+    """Check every split's rows before use: a missing column, a malformed row or a repeated id is an error naming the
+    split and row; rows with an empty post or summary are dropped and counted by reason in
+    skipped[split] (`sft_row_problem`). Returns (dataset, skipped)."""
+    from collections import Counter
+
+    required = ("id", "subreddit", "title", "post", "summary")
+    skipped = {}
+    for split, ds in dataset.items():
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"split {split!r} lacks columns {missing}; expected {list(required)}")
+        repeated = [i for i, n in Counter(ds["id"]).items() if n > 1]
+        if repeated:  # the same post twice is a data-preparation error: trained, sampled or evaluated twice
+            rows = [r for r, i in enumerate(ds["id"]) if i == repeated[0]]
+            raise ValueError(f"split {split!r}: {len(repeated)} ids repeat, e.g. id={repeated[0]!r} in rows {rows}")
+        reasons = [sft_row_problem(row, f"split {split!r} row {i} (id={row['id']!r})") for i, row in enumerate(ds)]
+        skipped[split] = dict(Counter(r for r in reasons if r))
+        if skipped[split]:
+            dataset[split] = ds.select([i for i, r in enumerate(reasons) if not r])
+    return dataset, skipped
+
+
 # Flags that may change between an interrupted run and its resumption; any other change would alter the run.
 RESUMABLE_CHANGES = {"resume", "track", "wandb_project_name", "wandb_entity", "output_dir", "save_every",
                      "keep_states", "run_eval", "eval_splits", "local_eval_batch_size", "max_eval_samples"}
@@ -1084,223 +1295,6 @@ def main(args: Args):
     --preprocess_only)."""
     with StopOnSignal() as stop:
         return train_sft(args, stop)
-
-
-def train_sft(args: Args, stop: StopOnSignal):
-    """The stage itself; `stop.received` is read once per optimizer step."""
-    import pandas as pd
-    from accelerate.utils import broadcast_object_list
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, get_scheduler
-
-    # every check that can fail runs before the first file is written (run_info.json, metrics.jsonl)
-    check_flags(args, positive=("batch_size", "local_micro_batch_size", "num_train_epochs", "query_length",
-                                "response_length", "local_eval_batch_size"),
-                non_negative=("learning_rate", "adam_eps", "weight_decay", "total_episodes", "save_every",
-                              "max_eval_samples", "eval_temperature"))
-    if args.total_episodes:
-        check_episodes(args.total_episodes, args.batch_size)
-    check_model_source(args.base_model, "--base_model", ("causal_lm",))
-    tokenizer = load_tokenizer(args.base_model)
-    dataset = load_splits(args.dataset, revision=args.dataset_revision)
-    if "train" not in dataset:
-        raise ValueError(f"{args.dataset} has no 'train' split (found {list(dataset)})")
-    missing = [s for s in args.eval_splits if args.run_eval and s not in dataset]
-    if missing:
-        raise ValueError(f"{args.dataset} lacks evaluation splits {missing} (found {list(dataset)})")
-    # the whole of every split is checked (text only, cheap) before --total_episodes and --max_eval_samples cut it:
-    # a bad row or a repeated id fails a smoke run too, and the errors name rows of the files
-    dataset, skipped = drop_bad_rows(dataset)
-    eval_keys = {split: split for split in args.eval_splits}  # evaluated split -> its key in `dataset`
-    if "train" in eval_keys:  # sampling the training posts (e.g. for comparisons): kept apart from the training cut
-        eval_keys["train"] = "train_evaluated"
-        dataset["train_evaluated"], skipped["train_evaluated"] = dataset["train"], skipped["train"]
-    if args.max_eval_samples is not None:
-        for key in eval_keys.values():
-            dataset[key] = dataset[key].select(range(min(args.max_eval_samples, len(dataset[key]))))
-    if args.total_episodes is not None:  # tokenize only what is used
-        used = min(args.total_episodes, len(dataset["train"]))
-        dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(used)) if used < len(dataset["train"]) else dataset["train"]
-
-    accelerator = make_accelerator()
-    with accelerator.main_process_first():
-        dataset, _ = tokenize_sft(dataset, tokenizer, args)  # the rows were checked above: nothing more is skipped
-    data_metrics = {}
-    for split, ds in dataset.items():
-        data_metrics[f"data/{split}/rows"] = len(ds)
-        for reason, n in sorted(skipped[split].items()):
-            data_metrics[f"data/{split}/skipped/{reason}"] = n
-            accelerator.print(f"warning: skipped {n} {split} rows: {reason} (see sft_row_problem)")
-        cut = sum(ds["reference_response_truncated"]) if len(ds) else 0  # an empty split gets no new columns
-        if cut:
-            accelerator.print(f"warning: {cut}/{len(ds)} {split} summaries exceed {args.response_length} tokens and were truncated (EOS lost)")
-    derived = derive(args, accelerator.num_processes, len(dataset["train"]))  # rows left after the skips
-    accelerator.gradient_accumulation_steps = derived.gradient_accumulation_steps  # read by prepare (DeepSpeed too)
-    checkpoint, resumed = resume_state(args, derived.world_size, RESUMABLE_CHANGES, accelerator.print)
-    run_name = resumed["run_name"] if resumed else f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = broadcast_object_list([run_name])[0]  # one name for all ranks
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    # [N+ 1.B.9] each process gets its own seed for sampling; data order comes from the global seed below
-    local_seed = args.seed + accelerator.process_index * 100003
-    seed_everything(local_seed)
-    if not args.preprocess_only:  # loaded before any output: a missing weight is refused first
-        model, _ = load_checked(AutoModelForCausalLM, args.base_model, "--base_model", dtype=torch.float32)
-    check_output_dir(args.output_dir)
-    if accelerator.is_main_process:
-        if resumed is None:  # a fresh run never appends to an older run's records
-            set_aside_previous_run(args.output_dir, accelerator.print)
-        write_run_info(args.output_dir, args, derived)
-
-    if args.preprocess_only:
-        if accelerator.is_main_process:
-            dataset.save_to_disk(os.path.join(args.output_dir, "dataset"))
-            tokenizer.save_pretrained(args.output_dir)
-        accelerator.print(f"saved the tokenized dataset and tokenizer to {args.output_dir}")
-        return
-
-    fit_embeddings(model, tokenizer)  # [N+ 1.A.1] resize only when the pad id has no row
-    disable_dropout(model)  # [N+ 1.B.2]
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay
-    )  # [N+ 1.B.6]
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=max(derived.num_updates, 1))
-    # [N+ 1.B.9] one shuffled order for all processes, drawn from the global seed (no rows: evaluation only)
-    train = dataset["train"].with_format("torch", columns=["query_reference_response_token"]) if derived.num_updates else []
-    loader = torch.utils.data.DataLoader(
-        train, batch_size=args.local_micro_batch_size, shuffle=bool(derived.num_updates), drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    # the scheduler is not prepared: accelerate would step it once per process, and num_updates already
-    # counts global batches; it is stepped once per optimizer step below [N+ 1.B.7]
-    configure_deepspeed(accelerator, args.local_micro_batch_size, args.max_grad_norm)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    write_deepspeed_config(accelerator, args.output_dir)
-    accelerator.register_for_checkpointing(scheduler)  # saved and restored with the model and optimizer
-    update = 0  # optimizer steps done
-    if resumed is not None:
-        accelerator.load_state(checkpoint)  # weights, optimizer, scheduler and this rank's RNG states
-        update = resumed["update"]
-        if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
-            cut_metrics(args.output_dir, resumed["metrics_lines"])
-        accelerator.print(f"resumed from {checkpoint} at optimizer step {update + 1}")
-    last_state = checkpoint  # the newest good state on disk, named when the run diverges
-    logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
-    if resumed is None:  # a resumed run kept this record in metrics.jsonl
-        logger.log(data_metrics, 0)
-    accelerator.print(
-        f"{derived.total_episodes} sequences, batch {args.batch_size} = {args.local_micro_batch_size} micro x "
-        f"{derived.gradient_accumulation_steps} accumulation x {derived.world_size} processes -> {derived.num_updates} updates"
-    )
-
-    # ---- training [N+ 1.B.3-8]
-    pad = tokenizer.pad_token_id
-    model.train()
-    start, samples, window = time.time(), update * args.batch_size, []
-    micro_steps = derived.num_updates * derived.gradient_accumulation_steps
-    progress = tqdm(total=derived.num_updates, initial=update, disable=not accelerator.is_local_main_process,
-                    desc="sft")
-
-    def micro_batches():  # endless: a new shuffled epoch when one is used up (total_episodes above one pass)
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    def save_resumable() -> str:
-        """A resumable state after optimizer step `update` (`save_state_atomic`); returns its folder."""
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
-        save_state_atomic(accelerator, path, {
-            "update": update, "samples": samples, "run_name": run_name, "world_size": derived.world_size,
-            "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
-            "args": json.loads(json.dumps(asdict(args))),
-        }, args.keep_states)
-        return path
-
-    def stop_if_diverged(quantities: dict, where: str) -> None:
-        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). The check runs
-        before the backward pass, so the weights are still those after optimizer step `update`: they are saved as
-        its state (unless it is on disk already), so the last good state is never lost."""
-        problem = find_divergence(quantities, where, accelerator.reduce)
-        if problem is None:
-            return
-        kept = last_state
-        if update > 0 and last_state != os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}"):
-            kept = save_resumable()
-        progress.close()
-        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
-                                 f"{kept or 'none (it diverged before the first optimizer step)'}")
-
-    batches = micro_batches()
-    for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
-        next(batches)
-    for micro_step in range(update * derived.gradient_accumulation_steps, micro_steps):
-        batch = next(batches)
-        ids = trim_padding_columns(batch["query_reference_response_token"], pad, "right")
-        with accelerator.accumulate(model):
-            loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
-            stop_if_diverged({"train/sft/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
-            accelerator.backward(loss)
-            if args.max_grad_norm is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        window.append(loss.detach())
-        if accelerator.sync_gradients:
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            update += 1
-            samples += args.batch_size
-            loss_mean = accelerator.gather(torch.stack(window).mean().reshape(1)).mean().item()
-            window = []
-            logger.log({"train/sft/loss": loss_mean, "train/sft/lr": lr}, samples)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_mean:.3f}")
-            # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
-            signal_name = stop_signal_received(accelerator, stop)
-            periodic = args.save_every > 0 and update % args.save_every == 0
-            if update < derived.num_updates and (periodic or signal_name):
-                last_state = save_resumable()
-            if signal_name and update < derived.num_updates:
-                progress.close()
-                accelerator.print(f"received {signal_name}: saved the state of optimizer step {update} in "
-                                  f"{last_state}; run the same command with --resume to continue")
-                accelerator.end_training()
-                raise SystemExit(143 if signal_name == "SIGTERM" else 130)
-    progress.close()
-    stop.restore()  # evaluation and the final save are not resumable: from here a signal acts as usual
-    train_time = time.time() - start
-
-    # ---- evaluation [N+ 1.B.13]
-    unwrapped = accelerator.unwrap_model(model)
-    model.eval()
-    prepare_for_sampling(unwrapped)
-    gen_config = sampling_config(args.response_length, args.eval_temperature)
-    if args.stop_generation_at_eos:  # finished rows are filled with the pad id, truncate_response keeps the EOS
-        gen_config.eos_token_id, gen_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if args.run_eval:
-        for split in args.eval_splits:
-            loss, rouge, table = evaluate(model, tokenizer, dataset[eval_keys[split]], args, accelerator, gen_config)
-            metrics = {f"{split}/sft/loss": loss, **{f"{split}/sft/rouge/{k}": v for k, v in rouge.items()}}
-            logger.log(metrics, samples)
-            accelerator.print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if accelerator.is_main_process:
-                df = pd.DataFrame(table)
-                df.to_csv(os.path.join(args.output_dir, f"{split}_table.csv"), index=False)
-                logger.table(f"eval/{split}_query_responses", df)
-    logger.log({"time/train_seconds": train_time, "time/peak_memory_gib": peak_memory_gib()}, samples)
-
-    # ---- save a standard Hugging Face folder [N+ 1.B.14]
-    accelerator.wait_for_everyone()
-    # the saved generation config stops at EOS (what users of the checkpoint expect) with our eval sampling
-    unwrapped.generation_config = sampling_config(args.response_length, args.eval_temperature)
-    unwrapped.generation_config.eos_token_id = tokenizer.eos_token_id
-    unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-    save_model_atomic(unwrapped, tokenizer, args.output_dir, accelerator, state_dict=accelerator.get_state_dict(model))
-    accelerator.print(f"saved {args.output_dir} ({train_time:.0f}s training, peak memory {peak_memory_gib():.2f} GiB)")
-    accelerator.end_training()
-    return unwrapped
 
 
 if __name__ == "__main__":

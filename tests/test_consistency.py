@@ -31,6 +31,32 @@ def test_shared_helpers_are_identical_copies():
     assert shared >= 10  # the data pipeline, padding, truncation, logging: the check has something to check
 
 
+PART2_START, SHARED_END = "# PART 2: PLUMBING.", "# ---- end of the shared plumbing"
+
+
+def shared_plumbing(path: str) -> str:
+    """The text of a stage file from its part-2 banner to the end of the shared plumbing block."""
+    source = open(path).read()
+    if source.count(PART2_START) != 1 or source.count(SHARED_END) != 1:
+        raise AssertionError(f"{path}: needs one {PART2_START!r} banner and one {SHARED_END!r} line")
+    return source[source.index(PART2_START) : source.index(SHARED_END)]
+
+
+def test_part_2_shared_plumbing_is_byte_identical_and_below_the_training_loop():
+    """Each stage reads as the algorithm first (part 1, up to train_*), then the plumbing (part 2), whose shared block
+    is one text in all three files; a reader reads it once, and a fix lands in all three or the test fails."""
+    blocks = {f: shared_plumbing(os.path.join(ROOT, f)) for f in STAGES}
+    assert len(set(blocks.values())) == 1, "the shared plumbing block differs between the stage files"
+    block = blocks[STAGES[0]]
+    for name in ("class Logger", "def load_splits", "def save_state_atomic", "def resume_state", "def find_divergence"):
+        assert f"\n{name}" in block
+    for f in STAGES:
+        source = open(os.path.join(ROOT, f)).read()
+        train = source.index("\ndef train_")
+        assert train < source.index(PART2_START) < source.index("\ndef main(")
+    assert block.count("\n") > 400  # the check covers the bulk of the plumbing
+
+
 STAGE_SPECIFIC_CONSTANTS = {"RESUMABLE_CHANGES"}  # the flags each stage lets a resumed run change
 
 
