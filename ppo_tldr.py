@@ -1214,7 +1214,6 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
         model.train()
         stats = torch.zeros((len(stat_names), *stats_shape), device=device)
         first_minibatch_max_diff = torch.zeros((), device=device)
-        training_tokens = training_attention_pairs = 0  # sum of b*T and b*T^2 over the training forwards
         for ppo_epoch_idx in range(args.noptepochs):
             b_inds = np.random.permutation(local_batch_size)
             for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
@@ -1227,8 +1226,6 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                         mb_query_responses = trim_padding_columns(query_responses[mb], pad, "left")  # (b, Q'+R)
                         mb_query_responses = mb_query_responses[:, : mb_query_responses.shape[1] - R + L]  # (b, Q'+L)
                         mb_context_length = mb_query_responses.shape[1] - L
-                        training_tokens += mb_query_responses.numel()
-                        training_attention_pairs += mb_query_responses.numel() * mb_query_responses.shape[1]
                         mb_padding_mask, mb_value_padding_mask = padding_mask[mb, :L], value_padding_mask[mb, :L]
                         mb_logprobs, mb_advantages = logprobs[mb, :L], advantages[mb, :L]
                         # one pass through both networks
@@ -1297,10 +1294,6 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                 "time/generation": torch.tensor(time_generation), "time/scoring": torch.tensor(time_scoring),
                 "time/training": torch.tensor(time_training), "time/validation_probe": torch.tensor(time_probe),
                 "time/update": torch.tensor(device_time() - update_start),
-                # work done, for throughput and FLOP counts (benchmark/bench_ppo.py)
-                "perf/generated_tokens": torch.tensor(float(responses.numel())),
-                "perf/training_tokens": torch.tensor(float(training_tokens)),
-                "perf/training_attention_pairs": torch.tensor(float(training_attention_pairs)),
             }
             if with_probe:
                 local["objective/validation_score"] = validation_score.float().mean()
@@ -2256,6 +2249,17 @@ def device_time() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.time()
+
+
+# The names benchmark/ imports from this file, or patches in it: keep them stable (tests/test_consistency.py checks
+# that this list is exactly what benchmark/ uses). Runners: main, Args. Patched: get_score (gold_reward_ppo.py, the
+# gold judge as the reward), generate_with_logprobs (ppo_replay.py, saved rollouts), forward and Logger.log
+# (ppo_work_counters.py, the throughput counters). Read: HEALTH_CHECKS (health_curves.py); data and model helpers
+# (bench_ppo.py, gpu_check.py, bf16_cpu_checks.py).
+BENCHMARK_API = ("main", "Args", "get_score", "generate_with_logprobs", "forward", "Logger", "HEALTH_CHECKS",
+                 "format_query", "truncated_query_tokens", "left_pad", "sampling_config", "NormalizedScalarModel",
+                 "PolicyAndValueWrapper", "fp32_head", "response_logits", "response_logprobs", "policy_loss",
+                 "value_loss", "keep_freed_host_memory")
 
 
 # Flags that may change between an interrupted run and its resumption; any other change would alter the run.

@@ -296,7 +296,7 @@ def run_ours(args, models: dict, out: str, k: int, precision: str, replay: str =
         cmd = [sys.executable, os.path.join(HERE, "ppo_replay.py"), "ours", *flags, "--penalty_reward_value", "None"]
         env["PPO_REPLAY_FILE"] = replay
     else:
-        cmd = [sys.executable, os.path.join(ROOT, "ppo_tldr.py"), *flags]
+        cmd = [sys.executable, os.path.join(HERE, "ppo_work_counters.py"), *flags]  # ppo_tldr.py + perf/* counters
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         os.remove(os.path.join(run_dir, "metrics.jsonl"))
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)

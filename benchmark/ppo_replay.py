@@ -66,6 +66,9 @@ def run_ours(argv: list[str]) -> None:
         return responses, logprobs
 
     ppo_tldr.generate_with_logprobs = replayed
+    import ppo_work_counters  # the perf/* counters bench_ppo.py reads, on top of the replay
+
+    ppo_work_counters.install(ppo_tldr)
     ppo_tldr.main(args)
 
 

@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -96,3 +97,31 @@ def test_importing_a_stage_does_no_work(script, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_the_names_benchmark_uses_from_ppo_tldr_are_its_documented_list():
+    """benchmark/ scripts import and patch a few names of ppo_tldr.py; BENCHMARK_API lists exactly those, so a
+    rename there is caught here rather than in a benchmark run."""
+    import ppo_tldr
+
+    used = set()
+    for name in sorted(os.listdir(os.path.join(ROOT, "benchmark"))):
+        if not name.endswith(".py"):
+            continue
+        source = open(os.path.join(ROOT, "benchmark", name)).read()
+        tree = ast.parse(source)
+        # `ppo_tldr.<name>` anywhere, code strings run in a subprocess included (not the file name ppo_tldr.py)
+        used |= set(re.findall(r"\bppo_tldr\.([A-Za-z_]\w*)", source)) - {"py"}
+        aliases = {"ppo_tldr"} | {a.asname for node in ast.walk(tree) if isinstance(node, ast.Import)
+                                  for a in node.names if a.name == "ppo_tldr" and a.asname}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "ppo_tldr":
+                used |= {a.name for a in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                used.add(node.attr)
+            elif (name == "ppo_work_counters.py" and isinstance(node, ast.Attribute)
+                  and isinstance(node.value, ast.Name) and node.value.id == "ppo"):
+                used.add(node.attr)  # install(ppo) patches the module passed in
+    assert used == set(ppo_tldr.BENCHMARK_API), (sorted(used - set(ppo_tldr.BENCHMARK_API)),
+                                                 sorted(set(ppo_tldr.BENCHMARK_API) - used))
+    assert all(hasattr(ppo_tldr, name) for name in ppo_tldr.BENCHMARK_API)

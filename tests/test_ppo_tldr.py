@@ -530,13 +530,24 @@ def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_da
     assert info["derived"]["gradient_accumulation_steps"] == 2
 
 
-def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path):
+def count_work(monkeypatch):
+    """benchmark/ppo_work_counters.py's perf/* counters patched into this process's ppo_tldr, undone after the test."""
+    import ppo_work_counters
+
+    for name in ("generate_with_logprobs", "forward"):
+        monkeypatch.setattr(P, name, getattr(P, name))  # registers the original, restored at teardown
+    monkeypatch.setattr(P.Logger, "log", P.Logger.log)
+    ppo_work_counters.install(P)
+
+
+def test_speed_switches_keep_the_numerics(llama_chain, sft_data, tmp_path, monkeypatch):
     """--response_logits_only (LM head on the response positions only), the fused AdamW and the attention kernel
     change no result beyond rounding: the reference's full logits with torch's default foreach AdamW and eager
     attention give the same losses and KL over three updates (weights updated in between) as the defaults (SDPA in
     fp32). Without a probe the run logs no validation score, and the per-update work counters match the batch
     shape."""
     common = dict(total_episodes=24, validation_probe_size=0, run_eval=False)
+    count_work(monkeypatch)
     fast = training_records(run_ppo(llama_chain, sft_data, str(tmp_path / "fast"), **common))
     slow = training_records(run_ppo(llama_chain, sft_data, str(tmp_path / "slow"), response_logits_only=False,
                                     adam_impl="foreach", attn_implementation="eager", **common))
@@ -558,7 +569,7 @@ def test_kept_response_length_covers_eos_plus_one_of_the_longest_response():
     assert P.kept_response_length(torch.tensor([11, 3]), 12) == 12  # a response without EOS: every column
 
 
-def test_skipping_the_columns_after_eos_keeps_the_losses(tiny_model, sft_data, tmp_path):
+def test_skipping_the_columns_after_eos_keeps_the_losses(tiny_model, sft_data, tmp_path, monkeypatch):
     """--skip_after_eos computes the scoring and training forwards only up to EOS+1 of each chunk's and micro-batch's
     longest response. With a policy that often stops early, the same rollouts give the same scores, KL, losses and
     log-prob checks over three updates (weights updated in between) as the full-length forwards, while the training
@@ -566,6 +577,7 @@ def test_skipping_the_columns_after_eos_keeps_the_losses(tiny_model, sft_data, t
     chain = make_chain(tiny_model, str(tmp_path / "chain"), reward_bias=0.1, eos_bonus=0.6)
     common = dict(response_length=16, total_episodes=24, validation_probe_size=0, run_eval=False,
                   local_micro_batch_size=2, stop_generation_at_eos=True)
+    count_work(monkeypatch)
     full = training_records(run_ppo(chain, sft_data, str(tmp_path / "full"), **common))
     skip = training_records(run_ppo(chain, sft_data, str(tmp_path / "skip"), skip_after_eos=True, **common))
     assert len(full) == len(skip) == 3
