@@ -610,6 +610,82 @@ def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
     return loss, vf_losses2 > vf_losses1
 
 
+# The per-micro-batch statistics of the PPO epochs [N+ 3], stacked in this order: masked means over real tokens, and
+# the reference's means over padding too (`_with_padding`)
+STAT_NAMES = ("approxkl", "approxkl_with_padding", "pg_clipfrac", "pg_clipfrac_with_padding", "pg_loss", "vf_loss",
+              "vf_clipfrac", "entropy", "entropy_with_padding", "ratio", "ratio_with_padding")
+
+
+def minibatch_stats(logits: torch.Tensor, new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor,
+                    value_valid: torch.Tensor, pg_loss: torch.Tensor, vf_loss: torch.Tensor, pg_clipped: torch.Tensor,
+                    vf_clipped: torch.Tensor, ratio: torch.Tensor, temperature: float):
+    """(the STAT_NAMES statistics of one micro-batch (len(STAT_NAMES),), the largest |new - old log-prob| over its
+    real tokens). approxkl = 0.5 (log pi_new - log pi_old)^2; entropy of the temperature-scaled next-token
+    distribution, logsumexp(z) - sum softmax(z) z. logits (b, L, V); the others (b, L) or scalars."""
+    logprobs_diff = new_logprobs - old_logprobs
+    approxkl = 0.5 * logprobs_diff**2
+    scaled = logits / (temperature + 1e-7)
+    entropy = torch.logsumexp(scaled, dim=-1) - torch.sum(F.softmax(scaled, dim=-1) * scaled, dim=-1)  # (b, L)
+    stats = torch.stack([
+        masked_mean(approxkl, valid), approxkl.mean(),
+        masked_mean(pg_clipped.float(), valid), pg_clipped.float().mean(),
+        pg_loss.detach(), vf_loss.detach(),
+        masked_mean(vf_clipped.float(), value_valid),
+        masked_mean(entropy, valid), entropy.mean(),
+        masked_mean(ratio, valid), ratio.mean(),
+    ])
+    return stats, torch.where(valid, logprobs_diff.abs(), 0.0).max()
+
+
+def update_metrics(accelerator, rollout: dict, eos_token_id: int, stats: torch.Tensor,
+                   first_minibatch_max_diff: torch.Tensor, validation_score, times: dict) -> dict:
+    """The update's metrics under the reference's names [N+ 3]: every number a mean over the whole update, gathered
+    across ranks. rollout holds the update's (B, R) tensors (kl, logprobs, masks, values, returns, responses) and
+    (B,) scores; stats is (len(STAT_NAMES), epochs, minibatches, micro-batches); validation_score the probe's or None;
+    times the phases' seconds."""
+    with torch.no_grad():
+        r = rollout
+        s = dict(zip(STAT_NAMES, accelerator.gather(stats.unsqueeze(0)).transpose(0, 1).flatten(1)))
+        valid = ~r["padding_mask"]
+        local = {
+            "objective/kl": r["kl"].sum(1).mean(),
+            "objective/entropy": torch.where(valid, -r["logprobs"], 0.0).sum(1).mean(),
+            "objective/entropy_with_padding": (-r["logprobs"]).sum(1).mean(),  # the reference: each pad adds -1
+            "objective/non_score_reward": r["non_score_reward"].sum(1).mean(),
+            "objective/score_total": r["non_score_reward"].sum(1).mean() + r["scores"].mean(),
+            "objective/scores": r["scores"].mean(),
+            "objective/eos_fraction": r["contain_eos"].float().mean(),
+            "ppo/val/explained_variance": torch.tensor(explained_variance(r["values"], r["returns"],
+                                                                          ~r["value_padding_mask"])),
+            "objective/response_length": (r["sequence_lengths"] + 1).float().mean(),
+            "ppo/val/num_eos_tokens": (r["responses"] == eos_token_id).sum().float(),
+            "check/ratio_first_minibatch": stats[STAT_NAMES.index("ratio"), 0, 0].mean(),
+            "check/approxkl_first_minibatch": stats[STAT_NAMES.index("approxkl"), 0, 0].mean(),
+            **{f"time/{name}": torch.tensor(seconds) for name, seconds in times.items()},
+        }
+        if validation_score is not None:
+            local["objective/validation_score"] = validation_score.float().mean()
+        device = stats.device
+        gathered = accelerator.gather(torch.stack([v.to(device).float() for v in local.values()]).unsqueeze(0))
+        metrics = dict(zip(local, gathered.mean(0).tolist()))
+        metrics["check/max_abs_logprob_diff_first_minibatch"] = accelerator.gather(
+            first_minibatch_max_diff.reshape(1)).max().item()
+        metrics.update({
+            "ppo/policy/approxkl_avg": s["approxkl"].mean().item(),
+            "ppo/policy/approxkl_avg_with_padding": s["approxkl_with_padding"].mean().item(),
+            "ppo/policy/clipfrac_avg": s["pg_clipfrac"].mean().item(),
+            "ppo/policy/clipfrac_avg_with_padding": s["pg_clipfrac_with_padding"].mean().item(),
+            "ppo/policy/entropy_avg": s["entropy"].mean().item(),
+            "ppo/policy/entropy_avg_with_padding": s["entropy_with_padding"].mean().item(),
+            "ppo/loss/policy_avg": s["pg_loss"].mean().item(),
+            "ppo/loss/value_avg": s["vf_loss"].mean().item(),
+            "ppo/val/clipfrac_avg": s["vf_clipfrac"].mean().item(),
+            "ppo/val/ratio": s["ratio"].mean().item(),
+            "ppo/val/ratio_with_padding": s["ratio_with_padding"].mean().item(),
+            "ppo/val/ratio_var": s["ratio"].var().item() if s["ratio"].numel() > 1 else 0.0,
+        })
+    return metrics
+
 # ---------------------------------------------------------------------------------------------------------
 # Models: the value/reward wrapper, policy+value in one module, forward passes and generation
 # ---------------------------------------------------------------------------------------------------------
@@ -908,7 +984,6 @@ def failing_checks(signals: dict, thresholds: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 def train_ppo(args: Args, stop: "StopOnSignal"):
     """The stage itself; `stop.received` is read once per update."""
-    import pandas as pd
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -1038,9 +1113,7 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
 
     # Per-update statistics, one entry per (epoch, minibatch, micro-batch) as the reference, gathered over ranks at
     # the end of the update so every logged number covers the whole update [N+ 3].
-    stats_shape = (args.noptepochs, args.nminibatches, derived.gradient_accumulation_steps)
-    stat_names = ("approxkl", "approxkl_with_padding", "pg_clipfrac", "pg_clipfrac_with_padding", "pg_loss", "vf_loss",
-                  "vf_clipfrac", "entropy", "entropy_with_padding", "ratio", "ratio_with_padding")
+    stats_shape = (len(STAT_NAMES), args.noptepochs, args.nminibatches, derived.gradient_accumulation_steps)
     local_batch_size, local_mini_batch_size = derived.local_batch_size, derived.local_mini_batch_size
     start_time, start_episode = time.time(), episode
 
@@ -1115,21 +1188,9 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                 _, probe_responses, validation_score = sample_and_score(unwrapped.policy, reward_model, probe_queries,
                                                                         tokenizer, eval_config)
         time_probe = device_time() - t0
-        if with_probe and args.sample_every > 0 and (update - 1) % args.sample_every == 0:
-            decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
-            table = {
-                "id": accelerator.gather_for_metrics(probe["id"], use_gather_object=True),
-                "query": accelerator.gather_for_metrics(decode(probe_queries), use_gather_object=True),
-                "response": accelerator.gather_for_metrics(decode(probe_responses), use_gather_object=True),
-                "reference": accelerator.gather_for_metrics(decode(probe_reference), use_gather_object=True),
-                "score": accelerator.gather(validation_score.float()).tolist(),
-                "reference_score": accelerator.gather(probe_reference_scores.float()).tolist(),
-            }
-            if accelerator.is_main_process:
-                os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-                df = pd.DataFrame(table)
-                df.to_csv(os.path.join(args.output_dir, "samples", f"update_{update:06d}.csv"), index=False)
-                logger.table("samples/validation_query_responses", df)
+        if with_probe and args.sample_every > 0 and (update - 1) % args.sample_every == 0:  # samples/update_N.csv
+            write_probe_table(args, accelerator, logger, tokenizer, update, probe["id"], probe_queries, probe_responses,
+                              probe_reference, validation_score, probe_reference_scores)
 
         # ---- rollouts, in chunks of local_rollout_forward_batch_size [N+ 1.D.6-12]
         # Shapes: B = local batch, b = chunk, Q = query columns left after trimming, R = response length, V = vocab.
@@ -1212,7 +1273,7 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
         # ---- 11. PPO epochs, a fresh shuffle each; one optimizer step per minibatch [N+ 1.D.19]
         t0 = device_time()
         model.train()
-        stats = torch.zeros((len(stat_names), *stats_shape), device=device)
+        stats = torch.zeros(stats_shape, device=device)
         first_minibatch_max_diff = torch.zeros((), device=device)
         for ppo_epoch_idx in range(args.noptepochs):
             b_inds = np.random.permutation(local_batch_size)
@@ -1253,116 +1314,40 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad()
-                    with torch.no_grad():
-                        valid = ~mb_padding_mask
-                        logprobs_diff = new_logprobs - mb_logprobs
-                        approxkl = 0.5 * logprobs_diff**2
-                        scaled = logits / (args.temperature + 1e-7)
-                        # entropy of the full next-token distribution: logsumexp(z) - sum softmax(z) z
-                        entropy = torch.logsumexp(scaled, dim=-1) - torch.sum(F.softmax(scaled, dim=-1) * scaled,
-                                                                              dim=-1)  # (b, R)
-                        stats[:, ppo_epoch_idx, minibatch_idx, ga_idx] = torch.stack([
-                            masked_mean(approxkl, valid), approxkl.mean(),
-                            masked_mean(pg_clipped.float(), valid), pg_clipped.float().mean(),
-                            pg_loss.detach(), vf_loss.detach(),
-                            masked_mean(vf_clipped.float(), ~mb_value_padding_mask),
-                            masked_mean(entropy, valid), entropy.mean(),
-                            masked_mean(ratio, valid), ratio.mean(),
-                        ])
+                    with torch.no_grad():  # the reference's statistics of every micro-batch [N+ 3]
+                        stats[:, ppo_epoch_idx, minibatch_idx, ga_idx], diff = minibatch_stats(
+                            logits, new_logprobs, mb_logprobs, ~mb_padding_mask, ~mb_value_padding_mask, pg_loss,
+                            vf_loss, pg_clipped, vf_clipped, ratio, args.temperature)
                         if ppo_epoch_idx == 0 and minibatch_idx == 0:  # on-policy: nothing has been updated yet
-                            diff = torch.where(valid, logprobs_diff.abs(), 0.0).max()
                             first_minibatch_max_diff = torch.maximum(first_minibatch_max_diff, diff)
         time_training = device_time() - t0
 
         # ---- logging: every number is a mean over the update, gathered across ranks [N+ 3]
-        with torch.no_grad():
-            s = dict(zip(stat_names, accelerator.gather(stats.unsqueeze(0)).transpose(0, 1).flatten(1)))
-            valid = ~padding_mask
-            local = {
-                "objective/kl": kl.sum(1).mean(),
-                "objective/entropy": torch.where(valid, -logprobs, 0.0).sum(1).mean(),
-                "objective/entropy_with_padding": (-logprobs).sum(1).mean(),  # the reference: each pad adds -1
-                "objective/non_score_reward": non_score_reward.sum(1).mean(),
-                "objective/score_total": non_score_reward.sum(1).mean() + scores.mean(),
-                "objective/scores": scores.mean(),
-                "objective/eos_fraction": contain_eos.float().mean(),
-                "ppo/val/explained_variance": torch.tensor(explained_variance(values, returns, ~value_padding_mask)),
-                "objective/response_length": (sequence_lengths + 1).float().mean(),
-                "ppo/val/num_eos_tokens": (responses == eos).sum().float(),
-                "check/ratio_first_minibatch": stats[stat_names.index("ratio"), 0, 0].mean(),
-                "check/approxkl_first_minibatch": stats[stat_names.index("approxkl"), 0, 0].mean(),
-                "time/generation": torch.tensor(time_generation), "time/scoring": torch.tensor(time_scoring),
-                "time/training": torch.tensor(time_training), "time/validation_probe": torch.tensor(time_probe),
-                "time/update": torch.tensor(device_time() - update_start),
-            }
-            if with_probe:
-                local["objective/validation_score"] = validation_score.float().mean()
-            gathered = accelerator.gather(torch.stack([v.to(device).float() for v in local.values()]).unsqueeze(0))
-            metrics = {"episodes": episode, **dict(zip(local, gathered.mean(0).tolist()))}
-            metrics["check/max_abs_logprob_diff_first_minibatch"] = accelerator.gather(
-                first_minibatch_max_diff.reshape(1)).max().item()
-            metrics.update({
-                "ppo/policy/approxkl_avg": s["approxkl"].mean().item(),
-                "ppo/policy/approxkl_avg_with_padding": s["approxkl_with_padding"].mean().item(),
-                "ppo/policy/clipfrac_avg": s["pg_clipfrac"].mean().item(),
-                "ppo/policy/clipfrac_avg_with_padding": s["pg_clipfrac_with_padding"].mean().item(),
-                "ppo/policy/entropy_avg": s["entropy"].mean().item(),
-                "ppo/policy/entropy_avg_with_padding": s["entropy_with_padding"].mean().item(),
-                "ppo/loss/policy_avg": s["pg_loss"].mean().item(),
-                "ppo/loss/value_avg": s["vf_loss"].mean().item(),
-                "ppo/val/clipfrac_avg": s["vf_clipfrac"].mean().item(),
-                "ppo/val/ratio": s["ratio"].mean().item(),
-                "ppo/val/ratio_with_padding": s["ratio_with_padding"].mean().item(),
-                "ppo/val/ratio_var": s["ratio"].var().item() if s["ratio"].numel() > 1 else 0.0,
-            })
-            episodes_per_second = (episode - start_episode) / (time.time() - start_time)
-            metrics.update({"ppo/lr": lrnow, "ppo/lr_value": lr_value, "ppo/episode": episode, "ppo/eps": int(episodes_per_second),
-                            "time/episodes_per_second": episodes_per_second, "time/peak_memory_gib": peak_memory_gib()})
-            # ---- health monitor: judge-free signals of this update's rollouts (README "Watching a run")
-            texts = accelerator.gather_for_metrics(
-                tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
-            entropy_per_token = metrics["objective/entropy"] / max(metrics["objective/response_length"], 1.0)
-            probe_gap = metrics["objective/validation_score"] - probe_reference_mean if with_probe else None
-            raw = health_raw(metrics["objective/eos_fraction"], metrics["objective/response_length"],
-                             entropy_per_token, texts, probe_gap)
-            if monitor.baseline is None:  # the first update samples the starting policy
-                monitor.baseline = raw
-            signals = health_signals(raw, monitor.baseline, metrics["objective/kl"])
-            metrics.update(signals)
-            tripped = monitor.observe(update, signals)
+        rollout = dict(kl=kl, logprobs=logprobs, padding_mask=padding_mask, non_score_reward=non_score_reward,
+                       scores=scores, contain_eos=contain_eos, values=values, returns=returns,
+                       value_padding_mask=value_padding_mask, sequence_lengths=sequence_lengths, responses=responses)
+        times = {"generation": time_generation, "scoring": time_scoring, "training": time_training,
+                 "validation_probe": time_probe, "update": device_time() - update_start}
+        metrics = update_metrics(accelerator, rollout, eos, stats, first_minibatch_max_diff,
+                                 validation_score if with_probe else None, times)
+        episodes_per_second = (episode - start_episode) / (time.time() - start_time)
+        metrics.update({"episodes": episode, "ppo/lr": lrnow, "ppo/lr_value": lr_value, "ppo/episode": episode,
+                        "ppo/eps": int(episodes_per_second), "time/episodes_per_second": episodes_per_second,
+                        "time/peak_memory_gib": peak_memory_gib()})
+        # ---- health monitor: judge-free signals of this update's rollouts (README "Watching a run")
+        texts = accelerator.gather_for_metrics(
+            tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
+        signals = health_update(monitor, metrics, texts, probe_reference_mean if with_probe else None)
+        metrics.update(signals)
+        tripped = monitor.observe(update, signals)
         logger.log(metrics, episode)
-        if tripped:
+        if tripped:  # roll back to the last healthy state, record the incident; then stop, or continue, or log on
             began = monitor.trouble_began(tripped)
             target = healthy_update(began)
             folder = roll_back(target) if args.health_action != "log" else None
-            incident = {
-                "update": update, "episode": episode, "action": args.health_action,
-                "tripped": {name: {"value": v, "threshold": t, "signal": HEALTH_CHECKS[name][0]}
-                            for name, (v, t) in tripped.items()},
-                "trouble_began_at_update": began, "last_healthy_update": target,
-                "rolled_back_to": folder, "history": monitor.history[-(args.health_patience + 3):],
-                "sample_responses": texts[:4],
-            }
-            if folder is not None:
-                last_state = folder
-            if args.health_action == "continue":  # the documented recipe change, recorded in every later state
-                health["lr_scale"] *= 0.5
-                health["kl_coef"] *= 2.0
-                incident["recipe_after"] = {"learning_rate_scale": health["lr_scale"], "kl_coef": health["kl_coef"]}
-            health["incidents"].append({k: incident[k] for k in ("update", "tripped", "last_healthy_update",
-                                                                 "rolled_back_to")})
-            monitor.reset()
-            if accelerator.is_main_process:
-                os.makedirs(os.path.join(args.output_dir, "health"), exist_ok=True)
-                with open(os.path.join(args.output_dir, "health", f"incident_update_{update:06d}.json"), "w") as f:
-                    json.dump(incident, f, indent=2)
-            logger.log({"health/incident": 1.0, "health/rolled_back_to_update": target if folder else -1,
-                        "health/lr_scale": health["lr_scale"], "health/kl_coef": health["kl_coef"]}, episode)
-            accelerator.print(
-                f"health: {', '.join(f'{n} {v:.3g} (limit {t:g})' for n, (v, t) in tripped.items())} for "
-                f"{args.health_patience} updates; trouble began at update {began}; "
-                + (f"rolled back to the state of update {target}" if folder else "no state to roll back to")
-                + f"; {args.health_action} (incident in {args.output_dir}/health)")
+            last_state = folder or last_state
+            record_incident(args, accelerator, logger, monitor, health, update, episode, tripped, began, target, folder,
+                            texts)
             if args.health_action == "stop":
                 kept_update = target if folder else update
                 break
@@ -2203,6 +2188,76 @@ class HealthMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.streak, self.history, self.baseline = dict(state["streak"]), list(state["history"]), state["baseline"]
+
+
+def write_probe_table(args: Args, accelerator, logger: "Logger", tokenizer, update: int, ids, queries: torch.Tensor,
+                      responses: torch.Tensor, references: torch.Tensor, scores: torch.Tensor,
+                      reference_scores: torch.Tensor) -> None:
+    """The validation probe of one update, gathered from every rank, as <output_dir>/samples/update_N.csv (id, query,
+    response, reference, score, reference_score) and a W&B table with --track."""
+    import pandas as pd
+
+    decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+    table = {
+        "id": accelerator.gather_for_metrics(ids, use_gather_object=True),
+        "query": accelerator.gather_for_metrics(decode(queries), use_gather_object=True),
+        "response": accelerator.gather_for_metrics(decode(responses), use_gather_object=True),
+        "reference": accelerator.gather_for_metrics(decode(references), use_gather_object=True),
+        "score": accelerator.gather(scores.float()).tolist(),
+        "reference_score": accelerator.gather(reference_scores.float()).tolist(),
+    }
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+        df = pd.DataFrame(table)
+        df.to_csv(os.path.join(args.output_dir, "samples", f"update_{update:06d}.csv"), index=False)
+        logger.table("samples/validation_query_responses", df)
+
+
+def health_update(monitor: "HealthMonitor", metrics: dict, texts: list[str], probe_reference_mean) -> dict:
+    """This update's health signals (`health_signals`) from its metrics and decoded rollouts; the first update's raw
+    values become the monitor's baseline (its rollouts come from the starting policy)."""
+    entropy_per_token = metrics["objective/entropy"] / max(metrics["objective/response_length"], 1.0)
+    probe_gap = (metrics["objective/validation_score"] - probe_reference_mean
+                 if probe_reference_mean is not None else None)
+    raw = health_raw(metrics["objective/eos_fraction"], metrics["objective/response_length"], entropy_per_token,
+                     texts, probe_gap)
+    if monitor.baseline is None:
+        monitor.baseline = raw
+    return health_signals(raw, monitor.baseline, metrics["objective/kl"])
+
+
+def record_incident(args: Args, accelerator, logger: "Logger", monitor: "HealthMonitor", health: dict, update: int,
+                    episode: int, tripped: dict, began: int, target: int, folder: Optional[str],
+                    texts: list[str]) -> None:
+    """A tripped check: health/incident_update_N.json (signal, values over time, sample responses), the health/*
+    record, the message; with --health_action continue, the documented recipe change (half the LR, twice the KL
+    coefficient), kept in `health` and so in every later state. Resets the monitor's patience."""
+    incident = {
+        "update": update, "episode": episode, "action": args.health_action,
+        "tripped": {name: {"value": v, "threshold": t, "signal": HEALTH_CHECKS[name][0]}
+                    for name, (v, t) in tripped.items()},
+        "trouble_began_at_update": began, "last_healthy_update": target,
+        "rolled_back_to": folder, "history": monitor.history[-(args.health_patience + 3):],
+        "sample_responses": texts[:4],
+    }
+    if args.health_action == "continue":
+        health["lr_scale"] *= 0.5
+        health["kl_coef"] *= 2.0
+        incident["recipe_after"] = {"learning_rate_scale": health["lr_scale"], "kl_coef": health["kl_coef"]}
+    health["incidents"].append({k: incident[k] for k in ("update", "tripped", "last_healthy_update",
+                                                         "rolled_back_to")})
+    monitor.reset()
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "health"), exist_ok=True)
+        with open(os.path.join(args.output_dir, "health", f"incident_update_{update:06d}.json"), "w") as f:
+            json.dump(incident, f, indent=2)
+    logger.log({"health/incident": 1.0, "health/rolled_back_to_update": target if folder else -1,
+                "health/lr_scale": health["lr_scale"], "health/kl_coef": health["kl_coef"]}, episode)
+    accelerator.print(
+        f"health: {', '.join(f'{n} {v:.3g} (limit {t:g})' for n, (v, t) in tripped.items())} for "
+        f"{args.health_patience} updates; trouble began at update {began}; "
+        + (f"rolled back to the state of update {target}" if folder else "no state to roll back to")
+        + f"; {args.health_action} (incident in {args.output_dir}/health)")
 
 
 def healthy_update(trouble_began: int) -> int:
