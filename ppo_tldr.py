@@ -636,56 +636,6 @@ def minibatch_stats(logits: torch.Tensor, new_logprobs: torch.Tensor, old_logpro
     ])
     return stats, torch.where(valid, logprobs_diff.abs(), 0.0).max()
 
-
-def update_metrics(accelerator, rollout: dict, eos_token_id: int, stats: torch.Tensor,
-                   first_minibatch_max_diff: torch.Tensor, validation_score, times: dict) -> dict:
-    """The update's metrics under the reference's names [N+ 3]: every number a mean over the whole update, gathered
-    across ranks. rollout holds the update's (B, R) tensors (kl, logprobs, masks, values, returns, responses) and
-    (B,) scores; stats is (len(STAT_NAMES), epochs, minibatches, micro-batches); validation_score the probe's or None;
-    times the phases' seconds."""
-    with torch.no_grad():
-        r = rollout
-        s = dict(zip(STAT_NAMES, accelerator.gather(stats.unsqueeze(0)).transpose(0, 1).flatten(1)))
-        valid = ~r["padding_mask"]
-        local = {
-            "objective/kl": r["kl"].sum(1).mean(),
-            "objective/entropy": torch.where(valid, -r["logprobs"], 0.0).sum(1).mean(),
-            "objective/entropy_with_padding": (-r["logprobs"]).sum(1).mean(),  # the reference: each pad adds -1
-            "objective/non_score_reward": r["non_score_reward"].sum(1).mean(),
-            "objective/score_total": r["non_score_reward"].sum(1).mean() + r["scores"].mean(),
-            "objective/scores": r["scores"].mean(),
-            "objective/eos_fraction": r["contain_eos"].float().mean(),
-            "ppo/val/explained_variance": torch.tensor(explained_variance(r["values"], r["returns"],
-                                                                          ~r["value_padding_mask"])),
-            "objective/response_length": (r["sequence_lengths"] + 1).float().mean(),
-            "ppo/val/num_eos_tokens": (r["responses"] == eos_token_id).sum().float(),
-            "check/ratio_first_minibatch": stats[STAT_NAMES.index("ratio"), 0, 0].mean(),
-            "check/approxkl_first_minibatch": stats[STAT_NAMES.index("approxkl"), 0, 0].mean(),
-            **{f"time/{name}": torch.tensor(seconds) for name, seconds in times.items()},
-        }
-        if validation_score is not None:
-            local["objective/validation_score"] = validation_score.float().mean()
-        device = stats.device
-        gathered = accelerator.gather(torch.stack([v.to(device).float() for v in local.values()]).unsqueeze(0))
-        metrics = dict(zip(local, gathered.mean(0).tolist()))
-        metrics["check/max_abs_logprob_diff_first_minibatch"] = accelerator.gather(
-            first_minibatch_max_diff.reshape(1)).max().item()
-        metrics.update({
-            "ppo/policy/approxkl_avg": s["approxkl"].mean().item(),
-            "ppo/policy/approxkl_avg_with_padding": s["approxkl_with_padding"].mean().item(),
-            "ppo/policy/clipfrac_avg": s["pg_clipfrac"].mean().item(),
-            "ppo/policy/clipfrac_avg_with_padding": s["pg_clipfrac_with_padding"].mean().item(),
-            "ppo/policy/entropy_avg": s["entropy"].mean().item(),
-            "ppo/policy/entropy_avg_with_padding": s["entropy_with_padding"].mean().item(),
-            "ppo/loss/policy_avg": s["pg_loss"].mean().item(),
-            "ppo/loss/value_avg": s["vf_loss"].mean().item(),
-            "ppo/val/clipfrac_avg": s["vf_clipfrac"].mean().item(),
-            "ppo/val/ratio": s["ratio"].mean().item(),
-            "ppo/val/ratio_with_padding": s["ratio_with_padding"].mean().item(),
-            "ppo/val/ratio_var": s["ratio"].var().item() if s["ratio"].numel() > 1 else 0.0,
-        })
-    return metrics
-
 # ---------------------------------------------------------------------------------------------------------
 # Models: the value/reward wrapper, policy+value in one module, forward passes and generation
 # ---------------------------------------------------------------------------------------------------------
@@ -2188,6 +2138,56 @@ class HealthMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.streak, self.history, self.baseline = dict(state["streak"]), list(state["history"]), state["baseline"]
+
+
+def update_metrics(accelerator, rollout: dict, eos_token_id: int, stats: torch.Tensor,
+                   first_minibatch_max_diff: torch.Tensor, validation_score, times: dict) -> dict:
+    """The update's metrics under the reference's names [N+ 3]: every number a mean over the whole update, gathered
+    across ranks. rollout holds the update's (B, R) tensors (kl, logprobs, masks, values, returns, responses) and
+    (B,) scores; stats is (len(STAT_NAMES), epochs, minibatches, micro-batches); validation_score the probe's or None;
+    times the phases' seconds."""
+    with torch.no_grad():
+        r = rollout
+        s = dict(zip(STAT_NAMES, accelerator.gather(stats.unsqueeze(0)).transpose(0, 1).flatten(1)))
+        valid = ~r["padding_mask"]
+        local = {
+            "objective/kl": r["kl"].sum(1).mean(),
+            "objective/entropy": torch.where(valid, -r["logprobs"], 0.0).sum(1).mean(),
+            "objective/entropy_with_padding": (-r["logprobs"]).sum(1).mean(),  # the reference: each pad adds -1
+            "objective/non_score_reward": r["non_score_reward"].sum(1).mean(),
+            "objective/score_total": r["non_score_reward"].sum(1).mean() + r["scores"].mean(),
+            "objective/scores": r["scores"].mean(),
+            "objective/eos_fraction": r["contain_eos"].float().mean(),
+            "ppo/val/explained_variance": torch.tensor(explained_variance(r["values"], r["returns"],
+                                                                          ~r["value_padding_mask"])),
+            "objective/response_length": (r["sequence_lengths"] + 1).float().mean(),
+            "ppo/val/num_eos_tokens": (r["responses"] == eos_token_id).sum().float(),
+            "check/ratio_first_minibatch": stats[STAT_NAMES.index("ratio"), 0, 0].mean(),
+            "check/approxkl_first_minibatch": stats[STAT_NAMES.index("approxkl"), 0, 0].mean(),
+            **{f"time/{name}": torch.tensor(seconds) for name, seconds in times.items()},
+        }
+        if validation_score is not None:
+            local["objective/validation_score"] = validation_score.float().mean()
+        device = stats.device
+        gathered = accelerator.gather(torch.stack([v.to(device).float() for v in local.values()]).unsqueeze(0))
+        metrics = dict(zip(local, gathered.mean(0).tolist()))
+        metrics["check/max_abs_logprob_diff_first_minibatch"] = accelerator.gather(
+            first_minibatch_max_diff.reshape(1)).max().item()
+        metrics.update({
+            "ppo/policy/approxkl_avg": s["approxkl"].mean().item(),
+            "ppo/policy/approxkl_avg_with_padding": s["approxkl_with_padding"].mean().item(),
+            "ppo/policy/clipfrac_avg": s["pg_clipfrac"].mean().item(),
+            "ppo/policy/clipfrac_avg_with_padding": s["pg_clipfrac_with_padding"].mean().item(),
+            "ppo/policy/entropy_avg": s["entropy"].mean().item(),
+            "ppo/policy/entropy_avg_with_padding": s["entropy_with_padding"].mean().item(),
+            "ppo/loss/policy_avg": s["pg_loss"].mean().item(),
+            "ppo/loss/value_avg": s["vf_loss"].mean().item(),
+            "ppo/val/clipfrac_avg": s["vf_clipfrac"].mean().item(),
+            "ppo/val/ratio": s["ratio"].mean().item(),
+            "ppo/val/ratio_with_padding": s["ratio_with_padding"].mean().item(),
+            "ppo/val/ratio_var": s["ratio"].var().item() if s["ratio"].numel() > 1 else 0.0,
+        })
+    return metrics
 
 
 def write_probe_table(args: Args, accelerator, logger: "Logger", tokenizer, update: int, ids, queries: torch.Tensor,
