@@ -1305,16 +1305,9 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                              ratio=f"{metrics['check/ratio_first_minibatch']:.4f}")
 
         # ---- safe point: a resumable state every --save_every updates, and on SIGTERM/SIGINT before exiting
-        signal_name = stop_signal_received(accelerator, stop)
-        periodic = args.save_every > 0 and update % args.save_every == 0
-        if update < derived.num_updates and (periodic or signal_name):
-            last_state = save_resumable(update, episode, data_position)
-        if signal_name and update < derived.num_updates:
-            progress.close()
-            accelerator.print(f"received {signal_name}: saved the state of update {update} (episode {episode}) "
-                              f"in {last_state}; run the same command with --resume to continue")
-            accelerator.end_training()
-            raise SystemExit(143 if signal_name == "SIGTERM" else 130)
+        last_state = safe_point(accelerator, stop, args.save_every, update, derived.num_updates,
+                                lambda: save_resumable(update, episode, data_position), last_state, progress,
+                                f"update {update} (episode {episode})")
     progress.close()
     stop.restore()  # the final save and evaluation are not resumable: from here a signal acts as usual
     # the run's health summary: which update the saved policy is from, and every incident
@@ -1920,6 +1913,24 @@ def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
     if accelerator.gather(flag).max().item() == 0:
         return None
     return stop.received or "a stop signal (on another process)"
+
+
+def safe_point(accelerator, stop: "StopOnSignal", save_every: int, step: int, num_steps: int, save, last_state,
+               progress, what: str):
+    """The end of a training step, where stopping is safe: a resumable state every --save_every steps (`save()`
+    writes it and returns its folder), and on SIGTERM/SIGINT a state, then exit 143/130 (`--resume` continues from
+    it). Returns the newest state's folder. `what` names the step in the message."""
+    signal_name = stop_signal_received(accelerator, stop)
+    periodic = save_every > 0 and step % save_every == 0
+    if step < num_steps and (periodic or signal_name):
+        last_state = save()
+    if signal_name and step < num_steps:
+        progress.close()
+        accelerator.print(f"received {signal_name}: saved the state of {what} in {last_state}; run the same command "
+                          "with --resume to continue")
+        accelerator.end_training()
+        raise SystemExit(143 if signal_name == "SIGTERM" else 130)
+    return last_state
 
 
 def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:

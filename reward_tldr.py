@@ -810,16 +810,8 @@ def train_reward(args: Args, stop: "StopOnSignal"):
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.3f}", acc_avg=f"{np.mean(accuracies):.3f}")
                 # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
-                signal_name = stop_signal_received(accelerator, stop)
-                periodic = args.save_every > 0 and update % args.save_every == 0
-                if update < derived.num_updates and (periodic or signal_name):
-                    last_state = save_resumable()
-                if signal_name and update < derived.num_updates:
-                    progress.close()
-                    accelerator.print(f"received {signal_name}: saved the state of optimizer step {update} in "
-                                      f"{last_state}; run the same command with --resume to continue")
-                    accelerator.end_training()
-                    raise SystemExit(143 if signal_name == "SIGTERM" else 130)
+                last_state = safe_point(accelerator, stop, args.save_every, update, derived.num_updates, save_resumable,
+                                        last_state, progress, f"optimizer step {update}")
         progress.close()
         train_time = time.time() - start
         accelerator.print(f"trained {samples} pairs in {train_time:.0f}s, mean train accuracy {np.mean(accuracies):.4f}")
@@ -1462,6 +1454,24 @@ def stop_signal_received(accelerator, stop: StopOnSignal) -> Optional[str]:
     if accelerator.gather(flag).max().item() == 0:
         return None
     return stop.received or "a stop signal (on another process)"
+
+
+def safe_point(accelerator, stop: "StopOnSignal", save_every: int, step: int, num_steps: int, save, last_state,
+               progress, what: str):
+    """The end of a training step, where stopping is safe: a resumable state every --save_every steps (`save()`
+    writes it and returns its folder), and on SIGTERM/SIGINT a state, then exit 143/130 (`--resume` continues from
+    it). Returns the newest state's folder. `what` names the step in the message."""
+    signal_name = stop_signal_received(accelerator, stop)
+    periodic = save_every > 0 and step % save_every == 0
+    if step < num_steps and (periodic or signal_name):
+        last_state = save()
+    if signal_name and step < num_steps:
+        progress.close()
+        accelerator.print(f"received {signal_name}: saved the state of {what} in {last_state}; run the same command "
+                          "with --resume to continue")
+        accelerator.end_training()
+        raise SystemExit(143 if signal_name == "SIGTERM" else 130)
+    return last_state
 
 
 def find_divergence(quantities: dict, where: str, reduce=None) -> Optional[str]:
