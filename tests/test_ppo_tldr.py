@@ -307,7 +307,8 @@ def test_a_critic_warm_up_trains_the_value_model_and_leaves_the_policy_exactly_a
     critic = [k for k in first if k.startswith("critic.")]
     assert any(not torch.equal(first[k], second[k]) for k in critic)
     start_rm = load_file(os.path.join(llama_chain[1], "model.safetensors"))
-    assert any(not torch.equal(first["critic.model." + k], v) for k, v in start_rm.items() if "critic.model." + k in first)
+    assert any(not torch.equal(first["critic.model." + k], v)
+               for k, v in start_rm.items() if "critic.model." + k in first)
     lrs = [(r["ppo/lr"], r["ppo/lr_value"]) for r in training_records(records)]
     assert lrs == [(0.0, 1e-3), (1e-3, 1e-3), (1e-3, 1e-3)]
 
