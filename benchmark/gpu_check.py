@@ -29,10 +29,11 @@ FLOPs over time, against the bf16 matmul peak measured on the same device at sta
 allocator's peak; CPU: the process's peak RSS). PPO figures are per update (steady state: the first update is a
 warm-up and left out), SFT and RM training figures per optimizer step (the first left out), and SFT generation and
 SFT/RM scoring over their evaluation. SFT and RM run under benchmark/stage_timer.py, which adds those clocks to the
-stage's own records; ppo_tldr.py logs them itself. Then a PASS/FAIL/SKIP line per path (a path passes when the stage
-exits 0, logged every step, saved its model and ran with the precision, attention kernel and DeepSpeed stage it was
-meant to), and a projection of the paper's 1M-episode Pythia-1B PPO run on 8 GPUs from the measured update, with the
-arithmetic shown. Exit status: 0 when no path failed (skipped paths allowed), 1 otherwise, 2 for a missing package.
+stage's own records; ppo_tldr.py logs its clocks itself and runs under benchmark/ppo_work_counters.py for the token
+counts. Then a PASS/FAIL/SKIP line per path (a path passes when the stage exits 0, logged every step, saved its
+model and ran with the precision, attention kernel and DeepSpeed stage it was meant to), and a projection of the
+paper's 1M-episode Pythia-1B PPO run on 8 GPUs from the measured update, with the arithmetic shown. Exit status:
+0 when no path failed (skipped paths allowed), 1 otherwise, 2 for a missing package.
 
 Versions: it needs what requirements.txt lists except gguf and pytest, and `deepspeed` for the DeepSpeed paths. It
 pins and installs nothing, so it runs on a GPU machine's own torch and transformers; a missing package is named at
@@ -300,7 +301,8 @@ def stage_command(name: str, size: dict, data: dict, run_dir: str) -> list[str]:
                 "--local_eval_batch_size", str(s["eval_batch"]), "--seed", "1", "--output_dir", run_dir]
     s = size["ppo"]
     updates = s["updates"] if ds is None else s["ds_updates"]
-    cmd = [os.path.join(ROOT, "ppo_tldr.py"), "--sft_model_path", data["sft"], "--reward_model_path", data["rm"],
+    cmd = [os.path.join(HERE, "ppo_work_counters.py"), "--sft_model_path", data["sft"],
+           "--reward_model_path", data["rm"],
            "--dataset", data["prompts"], "--response_length", str(RESPONSE_LENGTH), "--batch_size", str(s["batch"]),
            "--local_micro_batch_size", str(s["micro"]), "--local_rollout_forward_batch_size", str(s["rollout"]),
            "--total_episodes", str(s["batch"] * updates), "--validation_probe_size", str(s["probe"]),

@@ -65,11 +65,16 @@ def run_ours(argv: list[str]) -> None:
         logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, responses.unsqueeze(-1)).squeeze(-1)
         return responses, logprobs
 
-    ppo_tldr.generate_with_logprobs = replayed
     import ppo_work_counters  # the perf/* counters bench_ppo.py reads, on top of the replay
 
-    ppo_work_counters.install(ppo_tldr)
-    ppo_tldr.main(args)
+    # The patches are undone afterwards: a caller that imported ppo_tldr (a test, a second run) gets it back unchanged.
+    saved = ppo_tldr.generate_with_logprobs, ppo_tldr.forward, ppo_tldr.Logger.log
+    try:
+        ppo_tldr.generate_with_logprobs = replayed
+        ppo_work_counters.install(ppo_tldr)
+        ppo_tldr.main(args)
+    finally:
+        ppo_tldr.generate_with_logprobs, ppo_tldr.forward, ppo_tldr.Logger.log = saved
 
 
 if __name__ == "__main__":
