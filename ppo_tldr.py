@@ -155,8 +155,8 @@ class Args:
     critic_warmup_updates: int = 0
     """updates at the start that train the value model only: the policy's learning rate is 0 and its loss weight 0,
     so rollouts keep coming from the SFT policy while the value model, initialised from the RM (trained on the last
-    token only), learns per-token values; the policy's LR schedule starts after them. Not in the paper (0); peers
-    call it critic warm-up or actor freezing"""
+    token only), learns per-token values with an unclipped value loss; the policy's LR schedule starts after them.
+    Not in the paper (0); peers call it critic warm-up or actor freezing"""
 
     # --- optimisation
     learning_rate: float = 3e-6
@@ -600,9 +600,11 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 
 def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float):
+               cliprange_value: Optional[float]):
     """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- eps) - R)^2)) over `mask` [N+ 2];
-    returns (loss, clipped)."""
+    returns (loss, clipped). `cliprange_value=None` is the plain squared error (a critic warm-up's loss)."""
+    if cliprange_value is None:
+        return 0.5 * masked_mean(torch.square(vpred - returns), mask), torch.zeros_like(mask)
     vpredclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
     vf_losses1 = torch.square(vpred - returns)
     vf_losses2 = torch.square(vpredclipped - returns)
@@ -1247,8 +1249,11 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                         new_logprobs = torch.masked_fill(new_logprobs, mb_padding_mask, INVALID_LOGPROB)
                         vpred = vpred_temp[:, mb_context_length - 1 : -1].float()  # (b, L)
                         vpred = torch.masked_fill(vpred, mb_value_padding_mask, 0)
+                        # (a critic warm-up fits the value model unclipped: a trust region of 0.2 per update
+                        # around values it has not fitted yet would hold it near the RM's last-token head)
                         vf_loss, vf_clipped = value_loss(vpred, values[mb, :L], returns[mb, :L],
-                                                         ~mb_value_padding_mask, args.cliprange_value)
+                                                         ~mb_value_padding_mask,
+                                                         None if warming_up else args.cliprange_value)
                         pg_loss, ratio, pg_clipped = policy_loss(new_logprobs, mb_logprobs, mb_advantages,
                                                                  ~mb_padding_mask, args.cliprange)
                         # [N+ 1.D.20] no entropy bonus and no KL term: the KL acts only through the reward
@@ -2320,12 +2325,13 @@ def device_time() -> float:
 # The names benchmark/ imports from this file, or patches in it: keep them stable (tests/test_consistency.py checks
 # that this list is exactly what benchmark/ uses). Runners: main, Args. Patched: get_score (gold_reward_ppo.py, the
 # gold judge as the reward), generate_with_logprobs (ppo_replay.py, saved rollouts), forward and Logger.log
-# (ppo_work_counters.py, the throughput counters). Read: HEALTH_CHECKS (health_curves.py); data and model helpers
-# (bench_ppo.py, gpu_check.py, bf16_cpu_checks.py).
+# (ppo_work_counters.py, the throughput counters), write_probe_table, health_update, HealthMonitor and HEALTH_CHECKS
+# (judge_probe.py, an LLM judge as one more health check). Read: HEALTH_CHECKS (health_curves.py); data and model
+# helpers (bench_ppo.py, gpu_check.py, bf16_cpu_checks.py).
 BENCHMARK_API = ("main", "Args", "get_score", "generate_with_logprobs", "forward", "Logger", "HEALTH_CHECKS",
                  "format_query", "truncated_query_tokens", "left_pad", "sampling_config", "NormalizedScalarModel",
                  "PolicyAndValueWrapper", "fp32_head", "response_logits", "response_logprobs", "policy_loss",
-                 "value_loss", "keep_freed_host_memory")
+                 "value_loss", "keep_freed_host_memory", "write_probe_table", "health_update", "HealthMonitor")
 
 
 # Flags that may change between an interrupted run and its resumption; any other change would alter the run.

@@ -311,6 +311,7 @@ def test_a_critic_warm_up_trains_the_value_model_and_leaves_the_policy_exactly_a
                for k, v in start_rm.items() if "critic.model." + k in first)
     lrs = [(r["ppo/lr"], r["ppo/lr_value"]) for r in training_records(records)]
     assert lrs == [(0.0, 1e-3), (1e-3, 1e-3), (1e-3, 1e-3)]
+    assert training_records(records)[0]["ppo/val/clipfrac_avg"] == 0  # the warm-up's value loss is unclipped
 
 
 def test_gae_matches_a_slow_reference_loop():
@@ -361,6 +362,10 @@ def test_policy_and_value_clipping_hand_worked():
     # unclipped error larger in the first two; clipping to 0.7 costs 0.09 in the third
     assert math.isclose(loss.item(), 0.5 * (1.0 + 1.0 + 0.09) / 3, rel_tol=1e-5)
     assert clipped.tolist() == [[False, False, True]]
+    # a critic warm-up's loss (no clipping): the third position costs its own error, 0
+    loss, clipped = P.value_loss(vpred, old_v, returns, torch.ones(1, 3, dtype=torch.bool), cliprange_value=None)
+    assert math.isclose(loss.item(), 0.5 * (1.0 + 1.0 + 0.0) / 3, rel_tol=1e-5)
+    assert not clipped.any()
 
 
 # ---------------------------------------------------------------------------------------------------------
