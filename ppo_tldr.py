@@ -161,6 +161,9 @@ class Args:
     # --- optimisation
     learning_rate: float = 3e-6
     """AdamW learning rate, shared by policy and value model [N+ 1.D.2]"""
+    value_learning_rate: Optional[float] = None
+    """the value model's own AdamW learning rate, annealed like the policy's; None: --learning_rate (the paper).
+    Not in the paper; peers give the critic a larger one than the policy"""
     adam_eps: float = 1e-5
     """AdamW epsilon (torch's default is 1e-8) [N+ 1.D.2]"""
     weight_decay: float = 0.01
@@ -485,15 +488,17 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 
 def learning_rates(learning_rate: float, update: int, num_updates: int, anneal: bool,
-                   critic_warmup_updates: int = 0) -> tuple[float, float]:
+                   critic_warmup_updates: int = 0, value_learning_rate: Optional[float] = None) -> tuple[float, float]:
     """(policy LR, value-model LR) of a 1-based update. [N+ 1.D.2] linear annealing, lr * (1 - (update-1)/updates),
     set by hand at the start of every update; with --critic_warmup_updates W the first W updates give the policy LR 0
-    and the value model the full LR, and the annealing runs over the remaining updates (W = 0: the paper)."""
+    and the value model its full LR, and the annealing runs over the remaining updates (W = 0: the paper). The value
+    model's LR is `value_learning_rate` when given (None: the paper's shared LR)."""
+    value_lr = learning_rate if value_learning_rate is None else value_learning_rate
     if update <= critic_warmup_updates:
-        return 0.0, learning_rate
+        return 0.0, value_lr
     done, total = update - 1 - critic_warmup_updates, num_updates - critic_warmup_updates
-    lr = learning_rate * (1.0 - done / total if anneal else 1.0)
-    return lr, lr
+    scale = 1.0 - done / total if anneal else 1.0
+    return learning_rate * scale, value_lr * scale
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -1123,7 +1128,7 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
         episode += args.batch_size
         # [N+ 1.D.2] linear annealing by hand, at the start of every update (policy LR 0 in a critic warm-up)
         lrs = learning_rates(args.learning_rate, update, derived.num_updates, args.anneal_lr,
-                             args.critic_warmup_updates)
+                             args.critic_warmup_updates, args.value_learning_rate)
         lrnow, lr_value = (lr * health["lr_scale"] for lr in lrs)  # scale 1 unless the monitor's `continue` lowered it
         warming_up = update <= args.critic_warmup_updates
         for group, lr in zip(optimizer.param_groups, (lrnow, lr_value)):
@@ -2287,7 +2292,7 @@ def attention_kernel(requested: Optional[str], device_type: str, mixed_precision
     """SDPA (flash / memory-efficient kernels on GPU, flash on CPU in fp32), except under bf16/fp16 autocast on CPU:
     there, for SmolLM2's training shape (8 x 253 tokens, 9 heads of 64, left padding), forward + backward of one
     layer takes 31 ms with torch's SDPA kernel and a mask, 20 ms with eager matmuls and a softmax; in fp32 SDPA is
-    the faster (27 ms against 41 ms). `python benchmark/bf16_cpu_checks.py attention`"""
+    the faster (27 ms against 41 ms). `python benchmark/perf/bf16_cpu_checks.py attention`"""
     if requested is not None:
         return requested
     return "eager" if device_type == "cpu" and mixed_precision in ("bf16", "fp16") else "sdpa"

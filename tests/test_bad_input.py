@@ -318,8 +318,8 @@ def test_paper_settings_are_whole_batches():
 
 
 def test_the_offline_pipeline_passes_whole_batches():
-    """benchmark/offline_pipeline.py's profiles pass the --total_episodes check of every stage (the RM's episodes
-    are its mixed pairs rounded down to whole batches)."""
+    """benchmark/offline/offline_pipeline.py's profiles pass the --total_episodes check of every stage (the RM's
+    episodes are its mixed pairs rounded down to whole batches)."""
     import offline_pipeline
 
     for profile in offline_pipeline.PROFILES:

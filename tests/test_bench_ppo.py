@@ -1,5 +1,5 @@
-"""benchmark/bench_ppo.py and benchmark/ppo_replay.py: the FLOP count, the steady-state summary, an end-to-end run
-on a tiny model, and the rollout replay used to compare implementations on the same data."""
+"""benchmark/perf/bench_ppo.py and benchmark/perf/ppo_replay.py: the FLOP count, the steady-state summary, an end-to-end
+run on a tiny model, and the rollout replay used to compare implementations on the same data."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+sys.path.insert(0, os.path.join(ROOT, "benchmark", "perf"))
 
 import bench_ppo as B  # noqa: E402
 import ppo_replay  # noqa: E402

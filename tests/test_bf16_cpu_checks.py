@@ -1,4 +1,4 @@
-"""benchmark/bf16_cpu_checks.py: the helper math behind the README's bf16 explanations, and the attention timing
+"""benchmark/perf/bf16_cpu_checks.py: the helper math behind the README's bf16 explanations, and the attention timing
 at the training shape with both kernels."""
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+sys.path.insert(0, os.path.join(ROOT, "benchmark", "perf"))
 
 import bf16_cpu_checks as C  # noqa: E402
 

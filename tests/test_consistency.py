@@ -105,10 +105,12 @@ def test_the_names_benchmark_uses_from_ppo_tldr_are_its_documented_list():
     import ppo_tldr
 
     used = set()
-    for name in sorted(os.listdir(os.path.join(ROOT, "benchmark"))):
-        if not name.endswith(".py"):
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(ROOT, "benchmark"))
+                   for name in names)
+    for path in paths:
+        if not path.endswith(".py"):
             continue
-        source = open(os.path.join(ROOT, "benchmark", name)).read()
+        source = open(path).read()
         tree = ast.parse(source)
         # `ppo_tldr.<name>` anywhere, code strings run in a subprocess included (not the file name ppo_tldr.py)
         used |= set(re.findall(r"\bppo_tldr\.([A-Za-z_]\w*)", source)) - {"py"}

@@ -1,4 +1,4 @@
-"""benchmark/gold_reward_ppo.py: PPO whose every score is the offline task's gold judge."""
+"""benchmark/offline/gold_reward_ppo.py: PPO whose every score is the offline task's gold judge."""
 
 import os
 

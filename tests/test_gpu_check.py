@@ -1,6 +1,6 @@
-"""benchmark/gpu_check.py: its tiny mode runs every code path through the stage scripts and reports measured figures
-(the CI run of the GPU check), a missing DeepSpeed skips its paths with a clear line, a missing package is named with
-the offline install, a path that cannot start fails, and the figures' arithmetic (FLOPs, steps, projection)."""
+"""benchmark/perf/gpu_check.py: its tiny mode runs every code path through the stage scripts and reports measured
+figures (the CI run of the GPU check), a missing DeepSpeed skips its paths with a clear line, a missing package is named
+with the offline install, a path that cannot start fails, and the figures' arithmetic (FLOPs, steps, projection)."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+sys.path.insert(0, os.path.join(ROOT, "benchmark", "perf"))
 
 import gpu_check as G  # noqa: E402
 
@@ -31,8 +31,8 @@ def positive(x) -> bool:
 def test_tiny_mode_runs_and_measures_every_path(tmp_path):
     """The command a person runs, on CPU: every path passes and is listed, with positive figures in the JSON."""
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "gpu_check.py"), "--tiny", "--out_dir",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "perf", "gpu_check.py"), "--tiny",
+                           "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     stdout = proc.stdout

@@ -1,5 +1,5 @@
-"""benchmark/health_curves.py on a crafted PPO output folder: the table follows the logged signals, flags exactly the
-updates above a limit, scores the probe with the gold judge, and writes the figure."""
+"""benchmark/paper/health_curves.py on a crafted PPO output folder: the table follows the logged signals, flags exactly
+the updates above a limit, scores the probe with the gold judge, and writes the figure."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""The LLM judge (benchmark/judge.py) against a small chat-completions server on 127.0.0.1: answers, malformed
+"""The LLM judge (benchmark/paper/judge.py) against a small chat-completions server on 127.0.0.1: answers, malformed
 answers, HTTP errors and retries, concurrency, the resumable cache, the A/B order and the win-rate math."""
 
 import json

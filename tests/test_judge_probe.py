@@ -1,4 +1,4 @@
-"""benchmark/judge_probe.py: an LLM judge of the validation probe as one more health check of a PPO run."""
+"""benchmark/paper/judge_probe.py: an LLM judge of the validation probe as one more health check of a PPO run."""
 
 import json
 import os

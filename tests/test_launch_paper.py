@@ -1,4 +1,4 @@
-"""The paper launchers (benchmark/launch_paper.py): every printed command must parse against its stage script's
+"""The paper launchers (benchmark/paper/launch_paper.py): every printed command must parse against its stage script's
 own `Args`, carry the paper's per-size settings and chain the stages' folders. No model is trained."""
 
 import os

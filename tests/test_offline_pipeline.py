@@ -1,5 +1,5 @@
-"""Tests of the offline pipeline's driver (benchmark/offline_pipeline.py): precision choice, the RM data mix and the
-report, on a small synthetic corpus and hand-made sample tables (no model is trained here)."""
+"""Tests of the offline pipeline's driver (benchmark/offline/offline_pipeline.py): precision choice, the RM data mix and
+the report, on a small synthetic corpus and hand-made sample tables (no model is trained here)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmark"))
+sys.path.insert(0, os.path.join(REPO, "benchmark", "offline"))
 
 import offline_pipeline as op  # noqa: E402
 import tldr_synth as synth  # noqa: E402
@@ -121,7 +121,7 @@ def test_the_stages_chain_end_to_end_on_a_tiny_model(tiny_model, corpus, tmp_pat
              "--stages", "base,sft,samples,rm,ppo,report", "--eval_samples", "6", "--sft_episodes", "16",
              "--sft_batch", "8", "--sample_prompts", "6", "--rm_synthetic_pairs", "10", "--rm_batch", "8",
              "--rm_eval_synthetic", "6", "--rm_eval_model", "6", "--ppo_episodes", "8", "--ppo_batch", "4",
-             "--probe_size", "2"])
+             "--ppo_critic_warmup", "1", "--probe_size", "2"])
     report = (run / "report.md").read_text()
     for line in ("| untrained |", "| SFT |", "| PPO |", "PPO against SFT, head to head", "| sft_vs_reference | 6 |",
                  "| synthetic | 6 |", "Validation probe (2 prompts)", "(`health_curves.png`)"):

@@ -1,4 +1,4 @@
-"""The paper's figures (benchmark/plot_paper.py) from fake run folders: 2 sizes x 2 seeds of SFT, RM and PPO with
+"""The paper's figures (benchmark/paper/plot_paper.py) from fake run folders: 2 sizes x 2 seeds of SFT, RM and PPO with
 small metrics.jsonl / CSV files in the stages' formats. Checks the aggregated numbers and that the PNGs are real."""
 
 import json

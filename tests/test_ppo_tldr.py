@@ -284,6 +284,9 @@ def test_learning_rates_anneal_and_hold_the_policy_still_in_a_critic_warm_up():
     # two warm-up updates of six: the value model alone trains at the full LR, then the policy's schedule starts
     lrs = [P.learning_rates(1.0, u, 6, True, critic_warmup_updates=2) for u in range(1, 7)]
     assert lrs == [(0.0, 1.0), (0.0, 1.0), (1.0, 1.0), (0.75, 0.75), (0.5, 0.5), (0.25, 0.25)]
+    # the value model's own LR, annealed alike
+    lrs = [P.learning_rates(1.0, u, 4, True, critic_warmup_updates=2, value_learning_rate=8.0) for u in range(1, 5)]
+    assert lrs == [(0.0, 8.0), (0.0, 8.0), (1.0, 8.0), (0.5, 4.0)]
     args = P.Args(sft_model_path="s", reward_model_path="r", batch_size=8, local_micro_batch_size=8,
                   validation_probe_size=8, total_episodes=16, critic_warmup_updates=2)
     with pytest.raises(ValueError, match="critic_warmup_updates 2 .* 2 updates"):
@@ -537,7 +540,8 @@ def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_da
 
 
 def count_work(monkeypatch):
-    """benchmark/ppo_work_counters.py's perf/* counters patched into this process's ppo_tldr, undone after the test."""
+    """benchmark/perf/ppo_work_counters.py's perf/* counters patched into this process's ppo_tldr, undone after the
+    test."""
     import ppo_work_counters
 
     for name in ("generate_with_logprobs", "forward"):

@@ -1,4 +1,4 @@
-"""benchmark/reencoding_check.py: the reference's decode -> clean-up -> re-encode against token concatenation."""
+"""benchmark/perf/reencoding_check.py: the reference's decode -> clean-up -> re-encode against token concatenation."""
 
 import reencoding_check as R
 import sft_tldr

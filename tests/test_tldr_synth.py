@@ -1,4 +1,4 @@
-"""Tests of the synthetic TL;DR corpus and its gold judge (benchmark/tldr_synth.py). No network access."""
+"""Tests of the synthetic TL;DR corpus and its gold judge (benchmark/offline/tldr_synth.py). No network access."""
 
 import csv
 import json
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmark"))
+sys.path.insert(0, os.path.join(REPO, "benchmark", "offline"))
 
 import tldr_synth as synth  # noqa: E402
 
@@ -408,5 +408,8 @@ def test_corpus_stats_report_and_plot(corpus, tmp_path):
         assert json.load(f) == json.loads(json.dumps(stats))
     assert set(stats["reference_win_rate_validation"]) == set(synth.VARIANTS)
     assert 0.0 <= stats["sft_query_tokens"]["share_over_512"] <= 1.0
-    assert stats["reference_summary_tokens"]["max"] <= 48
+    # the filtered hub dataset keeps references of at most 48 tokens; here the rambling flaw (20% of references, one or
+    # two asides) runs past that in a few percent of rows (6.7% of the default corpus, at most 71 tokens)
+    assert stats["reference_summary_tokens"]["share_over_48"] <= 0.12
+    assert stats["reference_summary_tokens"]["median"] <= 48
     assert stats["sft_query_tokens"]["n"] == SMALL["n_sft_train"] + SMALL["n_sft_validation"] + SMALL["n_sft_test"]

@@ -1,7 +1,7 @@
 """GPU check: SFT, reward model and PPO through the real stage scripts, timed per phase, in one command, offline.
 
-    python benchmark/gpu_check.py            # one GPU: a random-initialised Pythia-1B-shaped model
-    python benchmark/gpu_check.py --tiny     # any machine, CPU included: a 2-layer GPT-NeoX (tests/test_gpu_check.py)
+    python benchmark/perf/gpu_check.py         # one GPU: a random-initialised Pythia-1B-shaped model
+    python benchmark/perf/gpu_check.py --tiny  # any machine, CPU included: a 2-layer GPT-NeoX (tests/test_gpu_check.py)
 
 Time: it finishes in under 8 minutes (--time_limit 480 s, counted from the start, model building included): a path
 is stopped and fails when it would run into the last 30 s (10 s in tiny mode), kept for stopping it and the report,
@@ -11,8 +11,8 @@ mode: about 1.5 minutes on 2 CPU cores (the first DeepSpeed run on CPU also comp
 communication op, once per torch version: about 70 s more).
 
 No network and no hub: the models are built from a config (bench_ppo.SHAPES "pythia-1b": GPT-NeoX, 16 layers, hidden
-2048, vocabulary 50,304; "pythia-tiny" in tiny mode) with random weights; the tokenizer is a byte-level BPE trained
-here on the synthetic task's text (benchmark/tldr_synth.py), whose data the stages read in the hub datasets' schema.
+2048, vocabulary 50,304; "pythia-tiny" in tiny mode) with random weights; the tokenizer is a byte-level BPE trained here
+on the synthetic task's text (benchmark/offline/tldr_synth.py), whose data the stages read in the hub datasets' schema.
 Prompts are the rows whose formatted query is closest to --query_tokens tokens (at most 512 after smart truncation).
 
 Code paths (each a subprocess running the stage script as a user would):
@@ -28,8 +28,8 @@ What it prints and writes (<out_dir>/gpu_check.json), per path: generation, scor
 FLOPs over time, against the bf16 matmul peak measured on the same device at start); peak memory (GPU: the
 allocator's peak; CPU: the process's peak RSS). PPO figures are per update (steady state: the first update is a
 warm-up and left out), SFT and RM training figures per optimizer step (the first left out), and SFT generation and
-SFT/RM scoring over their evaluation. SFT and RM run under benchmark/stage_timer.py, which adds those clocks to the
-stage's own records; ppo_tldr.py logs its clocks itself and runs under benchmark/ppo_work_counters.py for the token
+SFT/RM scoring over their evaluation. SFT and RM run under benchmark/perf/stage_timer.py, which adds those clocks to the
+stage's own records; ppo_tldr.py logs its clocks itself and runs under benchmark/perf/ppo_work_counters.py for the token
 counts. Then a PASS/FAIL/SKIP line per path (a path passes when the stage exits 0, logged every step, saved its
 model and ran with the precision, attention kernel and DeepSpeed stage it was meant to), and a projection of the
 paper's 1M-episode Pythia-1B PPO run on 8 GPUs from the measured update, with the arithmetic shown. Exit status:
@@ -54,7 +54,8 @@ import time
 from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+OFFLINE = os.path.join(ROOT, "benchmark", "offline")  # tldr_synth.py, the synthetic task
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
@@ -251,7 +252,7 @@ def prepare(args, size: dict, root: str) -> dict:
         shutil.rmtree(root)
     corpus, tokenizer = os.path.join(root, "corpus"), os.path.join(root, "tokenizer")
     if not os.path.exists(os.path.join(corpus, "meta.json")):
-        cmd = [sys.executable, os.path.join(HERE, "tldr_synth.py"), "--out_dir", corpus, "--overwrite"]
+        cmd = [sys.executable, os.path.join(OFFLINE, "tldr_synth.py"), "--out_dir", corpus, "--overwrite"]
         for name, n in size["corpus"].items():
             cmd += [f"--{name}", str(n)]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

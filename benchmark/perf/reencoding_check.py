@@ -11,7 +11,8 @@ train on `query_token + response_token`. For every TL;DR row of an SFT or compar
   ids_without_cleanup the same with clean-up off: what a decode/encode round trip and merges across the
                       query/response boundary alone change
 
-    python benchmark/reencoding_check.py --tokenizer models/smollm2-135m data/tldr_synth/sft data/tldr_synth/comparisons
+    python benchmark/perf/reencoding_check.py --tokenizer models/smollm2-135m \\
+        data/tldr_synth/sft data/tldr_synth/comparisons
 """
 
 import argparse
@@ -19,7 +20,7 @@ import os
 import sys
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import sft_tldr  # noqa: E402  (the stages' own query format, truncation and loading)
 
 

@@ -6,7 +6,7 @@ is drawn as its signal divided by its limit, so every check trips where its line
 (`--data_dir`, the synthetic corpus) the probe's responses are also scored by the gold judge, which the monitor
 never sees: the figure then shows whether the monitor tripped before the gold score fell.
 
-    python benchmark/health_curves.py --ppo_dir runs/offline/ppo --data_dir data/tldr_synth
+    python benchmark/paper/health_curves.py --ppo_dir runs/offline/ppo --data_dir data/tldr_synth
 """
 
 import argparse
@@ -15,8 +15,10 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "benchmark", "offline"))  # offline_pipeline, tldr_synth (the gold judge)
+sys.path.insert(0, ROOT)
 
 from ppo_tldr import HEALTH_CHECKS as CHECKS  # noqa: E402  check name -> (metric, flag holding its limit)
 

@@ -2,7 +2,7 @@
 
 Every stage is the real script, chained only through the checkpoint folders it saves; this driver picks small
 sizes so the whole chain fits a 2-core machine, then writes `report.md` and PNG figures into the run folder,
-judged by the offline task's gold judge (`benchmark/tldr_synth.py`), which sees what no stage sees:
+judged by the offline task's gold judge (`benchmark/offline/tldr_synth.py`), which sees what no stage sees:
 
   * gold win rates against the human-like reference summaries of the untrained model, SFT and PPO on the same
     held-out validation prompts, and PPO against SFT head to head, each with a 95% interval and its tie rate;
@@ -15,10 +15,12 @@ The reward model trains on a mix, as the paper's did: synthetic comparisons (the
 summary or a systematic variant) and pairs of the SFT policy's own samples on training posts (two samples of
 a post against each other and each against the reference), labelled by the same noisy judge.
 
-    python benchmark/offline_pipeline.py --run_dir runs/offline                      # default profile (55 min on a
-                                                                                     # 2-core Xeon in fp32, README)
-    python benchmark/offline_pipeline.py --profile full --run_dir runs/offline_full  # longer PPO, clearer curves
-    python benchmark/offline_pipeline.py --run_dir runs/offline --stages report      # redo the report only
+    # default profile (90 min on a 2-core AMD EPYC in bf16, README "Measured")
+    python benchmark/offline/offline_pipeline.py --run_dir runs/offline
+    # more RM pairs and a longer PPO (not yet measured)
+    python benchmark/offline/offline_pipeline.py --profile full --run_dir runs/offline_full
+    # redo the report only
+    python benchmark/offline/offline_pipeline.py --run_dir runs/offline --stages report
 
 Stages whose output folder already holds a finished result are skipped, so an interrupted run continues; a stage
 cut short is rerun from the start, and moves its unfinished files to <folder>/previous_runs/ first (a stage never
@@ -37,23 +39,27 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "benchmark", "paper"))  # health_curves (the report's health figure)
 
 import tldr_synth  # noqa: E402
 
 STAGES = ("model", "data", "base", "sft", "samples", "rm", "ppo", "report")
 
 # Sizes per profile; any of them can be overridden by its flag. Sampling dominates the default profile on CPU (the
-# untrained model's 200 evaluation samples alone took 16 minutes on a 2-core Xeon); the goal is 30 minutes.
+# untrained model's 200 evaluation samples alone took 16 minutes on a 2-core Xeon); the goal, 30 minutes, is not met.
 PROFILES = {
-    "default": dict(eval_samples=200, sft_episodes=192, sft_batch=8, sft_lr=1e-4, sample_prompts=48,
-                    rm_synthetic_pairs=48, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=64, rm_eval_model=100,
-                    ppo_episodes=96, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=0, probe_size=16),
+    # PPO: 32 rollouts per update in 2 minibatches, 2 epochs; the first 3 updates train the value model alone, at
+    # its own LR of 1e-4 (README "Measured": without them the critic never caught up and PPO ended level with SFT)
+    "default": dict(eval_samples=200, sft_episodes=192, sft_batch=8, sft_lr=1e-4, sample_prompts=96,
+                    rm_synthetic_pairs=192, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=64, rm_eval_model=100,
+                    ppo_episodes=288, ppo_batch=32, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=3,
+                    ppo_value_lr=1e-4, ppo_nminibatches=2, ppo_epochs=2, probe_size=32),
     "full": dict(eval_samples=200, sft_episodes=384, sft_batch=8, sft_lr=1e-4, sample_prompts=128,
-                 rm_synthetic_pairs=128, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
-                 ppo_episodes=256, ppo_batch=16, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=0,
-                 probe_size=16),
+                 rm_synthetic_pairs=256, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
+                 ppo_episodes=480, ppo_batch=32, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=3,
+                 ppo_value_lr=1e-4, ppo_nminibatches=2, ppo_epochs=2, probe_size=32),
 }
 # PPO's training micro-batch and rollout chunk, and the evaluations' sampling batch. On a 2-core Xeon (AVX-512, no
 # AMX) the forward+backward of 8 sequences of 190 tokens took 6.1-6.6 s in one micro-batch against 7.7-9.1 s one at
@@ -92,6 +98,9 @@ def parse_args(argv=None):
                    "EOS within 3 updates; 3e-6 over 10 updates of 8 drifted: KL 1.9, probe gold 0.53 -> 0.47)")
     p.add_argument("--ppo_kl_coef", type=float, help="PPO KL coefficient (paper 0.05)")
     p.add_argument("--ppo_critic_warmup", type=int, help="PPO updates at the start that train the value model only")
+    p.add_argument("--ppo_value_lr", type=float, help="the value model's own learning rate (default: --ppo_lr)")
+    p.add_argument("--ppo_nminibatches", type=int, help="PPO minibatches per epoch (one optimizer step each)")
+    p.add_argument("--ppo_epochs", type=int, help="PPO epochs over each batch of rollouts (paper 4)")
     p.add_argument("--probe_size", type=int, help="validation prompts sampled and judged before every PPO update")
     args = p.parse_args(argv)
     for key, value in PROFILES[args.profile].items():
@@ -253,7 +262,7 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
     sft_data = os.path.join(args.data_dir, "sft")
     val = {r["id"]: r for r in tldr_synth.read_jsonl(os.path.join(sft_data, "validation.jsonl"))}
     lines = ["# Offline end-to-end run", "",
-             f"`python benchmark/offline_pipeline.py --profile {args.profile} --run_dir {args.run_dir}`, seed "
+             f"`python benchmark/offline/offline_pipeline.py --profile {args.profile} --run_dir {args.run_dir}`, seed "
              f"{args.seed}, synthetic corpus seed {args.data_seed}, SmolLM2-135M-Instruct on CPU, "
              f"{precision.get('chosen', '?')} ({json.dumps({k: round(v) if isinstance(v, float) else v for k, v in precision.items()})}).",
              "", "| stage | wall time (s) | peak memory (GiB) |", "|---|---|---|"]
@@ -479,10 +488,10 @@ def main(argv=None) -> None:
             with open(timings_path, "w") as f:
                 json.dump(timings, f, indent=2)
 
-    stage("model", [py, "benchmark/convert_smollm2.py", "--output_dir", args.model_dir], args.model_dir,
+    stage("model", [py, "benchmark/offline/convert_smollm2.py", "--output_dir", args.model_dir], args.model_dir,
           "model.safetensors")
     # the corpus, with its statistics (token lengths under the SmolLM2 tokenizer, judge sanity, label agreement)
-    stage("data", [py, "benchmark/tldr_synth.py", "--out_dir", args.data_dir, "--seed", str(args.data_seed),
+    stage("data", [py, "benchmark/offline/tldr_synth.py", "--out_dir", args.data_dir, "--seed", str(args.data_seed),
                    "--stats", "--tokenizer", args.model_dir], args.data_dir, "meta.json")
     # the untrained model on the same prompts: the baseline of the win rates
     stage("base", [py, "sft_tldr.py", "--base_model", args.model_dir, "--dataset", sft_data, "--output_dir",
@@ -517,6 +526,8 @@ def main(argv=None) -> None:
                   "--local_rollout_forward_batch_size", str(min(PPO_ROLLOUT_CHUNK, args.ppo_batch)),
                   "--learning_rate", str(args.ppo_lr),
                   "--kl_coef", str(args.ppo_kl_coef), "--critic_warmup_updates", str(args.ppo_critic_warmup),
+                  "--nminibatches", str(args.ppo_nminibatches), "--noptepochs", str(args.ppo_epochs),
+                  *(["--value_learning_rate", str(args.ppo_value_lr)] if args.ppo_value_lr else []),
                   "--eval_splits", "validation", "--sample_every", "1",
                   "--validation_probe_size", str(args.probe_size), "--stop_generation_at_eos", "--skip_after_eos",
                   # the health monitor rolls back to the last healthy policy: a state after every update, 3 kept

@@ -21,14 +21,14 @@ Figures (PNG, in --out_dir), as the reference's eval/*.py draw them:
                                mean ± std over seeds per size
 and summary.csv (mean, std, n per metric, stage and size) and runs.csv (one row per run).
 
-Win rates come from `{split}_table_judged.csv` next to each table (written by benchmark/judge.py, column
+Win rates come from `{split}_table_judged.csv` next to each table (written by benchmark/paper/judge.py, column
 `preferred`); or `--win_column COL` reads COL of `{split}_table.csv` (labels ours/reference/invalid, or numbers: 1 a
 win, 0 a loss, 0.5 a tie: e.g. a gold judge's verdict in the offline task); or `--win_scores A,B` counts rows where
 column A beats column B (e.g. `score,reference_score`: the reward model as the judge).
 
-    python benchmark/plot_paper.py models --out_dir runs/paper_figures                   # every run under models/
-    python benchmark/plot_paper.py "runs/offline_*/*" --win_scores score,reference_score --size_map smollm2=135e6
-    python benchmark/plot_paper.py models/pythia-1b/*_44413 models/pythia-1b/*_55513 --smooth 20
+    python benchmark/paper/plot_paper.py models --out_dir runs/paper_figures                   # every run under models/
+    python benchmark/paper/plot_paper.py "runs/offline_*/*" --win_scores score,reference_score --size_map smollm2=135e6
+    python benchmark/paper/plot_paper.py models/pythia-1b/*_44413 models/pythia-1b/*_55513 --smooth 20
 """
 
 import argparse
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import judge  # noqa: E402  (win_rate_summary: the same win-rate rule as the judge)

@@ -1,8 +1,8 @@
-"""The work counters of benchmark/bench_ppo.py, patched into ppo_tldr.py from outside: the stage carries no
+"""The work counters of benchmark/perf/bench_ppo.py, patched into ppo_tldr.py from outside: the stage carries no
 benchmark code.
 
 Per update, into the update's record of metrics.jsonl (the one holding `objective/scores`), as ppo_tldr.py would name
-them and as benchmark/trl_ppo_runner.py logs them for TRL:
+them and as benchmark/perf/trl_ppo_runner.py logs them for TRL:
   perf/generated_tokens          tokens sampled by the rollouts (`generate_with_logprobs`; the probe and the final
                                  evaluation are not counted)
   perf/training_tokens           token positions through the training forwards, the sum of b*T over every
@@ -10,14 +10,14 @@ them and as benchmark/trl_ppo_runner.py logs them for TRL:
   perf/training_attention_pairs  the sum of b*T^2 over the same calls (attention FLOPs grow with it)
 The counts are this process's; rank 0 writes the records. Wrapping leaves every computed number as it was.
 
-    python benchmark/ppo_work_counters.py <ppo_tldr.py flags>      # what bench_ppo.py runs
+    python benchmark/perf/ppo_work_counters.py <ppo_tldr.py flags>      # what bench_ppo.py runs
 """
 
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 COUNTERS = ("perf/generated_tokens", "perf/training_tokens", "perf/training_attention_pairs")
 

@@ -20,8 +20,9 @@ variants of it ("drop_fact", "invent_fact", "filler", "truncated", "repetitive")
 judge through a Bradley-Terry noise model whose temperature is calibrated so that labels agree with the
 noiseless gold preference about 73% of the time, the human inter-annotator agreement on TL;DR.
 
-    python benchmark/tldr_synth.py --out_dir data/tldr_synth --seed 0 --stats
-    python benchmark/tldr_synth.py --out_dir data/tldr_synth --samples sft_samples.jsonl   # label a model's samples
+    python benchmark/offline/tldr_synth.py --out_dir data/tldr_synth --seed 0 --stats
+    # label a model's samples
+    python benchmark/offline/tldr_synth.py --out_dir data/tldr_synth --samples sft_samples.jsonl
 """
 
 import argparse

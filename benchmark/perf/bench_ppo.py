@@ -19,10 +19,10 @@ FLOP count of one update's training step (useful work only, the same formula for
 where N_body = parameters outside the embeddings and the LM head, P = token positions through the training forwards
 (sum of b*T), A = sum of b*T^2, S = sequences trained (epochs x batch).
 
-    python benchmark/bench_ppo.py --model smollm2 --trl                      # the CPU comparison in the README
-    python benchmark/bench_ppo.py --model smollm2 --precision bf16 --runs 3  # bf16 autocast
-    python benchmark/bench_ppo.py --model smollm2 --trl --check_numerics     # same rollouts: first-update losses
-    python benchmark/bench_ppo.py --model pythia-1b --precision bf16 --batch 64 --micro_batch 16  # on a GPU
+    python benchmark/perf/bench_ppo.py --model smollm2 --trl                      # the CPU comparison in the README
+    python benchmark/perf/bench_ppo.py --model smollm2 --precision bf16 --runs 3  # bf16 autocast
+    python benchmark/perf/bench_ppo.py --model smollm2 --trl --check_numerics     # same rollouts: first-update losses
+    python benchmark/perf/bench_ppo.py --model pythia-1b --precision bf16 --batch 64 --micro_batch 16  # on a GPU
 """
 
 import argparse
@@ -34,13 +34,14 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+OFFLINE = os.path.join(ROOT, "benchmark", "offline")  # tldr_synth.py, the synthetic task
 sys.path.insert(0, ROOT)
 
 TRL_VENV = os.path.join(ROOT, ".venv-trl")
 TRL_PINS = ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0", "datasets==5.2.0", "trl==1.12.0"]
 # Random-initialised shapes (GPT-NeoX, as Pythia) for GPUs; "tiny" is a 2-layer Llama and "pythia-tiny" a 2-layer
-# GPT-NeoX (Pythia's architecture at toy size, benchmark/gpu_check.py's CPU mode) for a smoke run anywhere.
+# GPT-NeoX (Pythia's architecture at toy size, benchmark/perf/gpu_check.py's CPU mode) for a smoke run anywhere.
 SHAPES = {
     "tiny": dict(arch="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
     "pythia-tiny": dict(arch="gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -70,10 +71,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", choices=["smollm2", *SHAPES])
     p.add_argument("--base_model", default="models/smollm2-135m",
-                   help="causal LM folder used as --model smollm2 (benchmark/convert_smollm2.py writes SmolLM2 here); "
-                        "its tokenizer serves every shape")
+                   help="causal LM folder used as --model smollm2 (benchmark/offline/convert_smollm2.py writes SmolLM2 "
+                        "here); its tokenizer serves every shape")
     p.add_argument("--data_dir", default="data/tldr_synth",
-                   help="offline task (benchmark/tldr_synth.py; generated if missing) or a folder with train.jsonl")
+                   help="offline task (benchmark/offline/tldr_synth.py; generated if missing) or a folder with "
+                        "train.jsonl")
     p.add_argument("--out_dir", default=None, help="default runs/bench/<model>_<precision>")
     p.add_argument("--batch", type=int, default=8, help="rollouts per update")
     p.add_argument("--micro_batch", type=int, default=8, help="rollouts per training forward")
@@ -185,7 +187,7 @@ def prepare_models(args, out: str) -> dict:
 
     sft_dir, rm_dir = os.path.join(out, "sft"), os.path.join(out, "rm")
     if not os.path.isdir(args.base_model):
-        raise SystemExit(f"{args.base_model} not found: run `python benchmark/convert_smollm2.py` first")
+        raise SystemExit(f"{args.base_model} not found: run `python benchmark/offline/convert_smollm2.py` first")
     if not os.path.exists(os.path.join(rm_dir, "config.json")):
         torch.manual_seed(0)
         tok = AutoTokenizer.from_pretrained(args.base_model)
@@ -230,7 +232,7 @@ def prepare_prompts(args, out: str, sft_dir: str, count: int) -> list[list[int]]
     if os.path.exists(os.path.join(args.data_dir, "train.jsonl")):  # a folder of SFT splits itself
         train_file = os.path.join(args.data_dir, "train.jsonl")
     elif not os.path.exists(train_file):
-        subprocess.run([sys.executable, os.path.join(HERE, "tldr_synth.py"), "--out_dir", args.data_dir], check=True,
+        subprocess.run([sys.executable, os.path.join(OFFLINE, "tldr_synth.py"), "--out_dir", args.data_dir], check=True,
                        cwd=ROOT)
     tok = AutoTokenizer.from_pretrained(sft_dir)
     rows = [json.loads(line) for line in open(train_file)]

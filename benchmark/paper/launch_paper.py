@@ -38,11 +38,11 @@ Targets:
 A stage that exits 0 gets a `launch_done.json` marker in its output folder; later launches skip it (`--force`
 reruns it). Commands run one after the other and the first failure stops the launch.
 
-    python benchmark/launch_paper.py --target node --dry_run                  # print the 36 commands
-    python benchmark/launch_paper.py --target node --sizes 1b --seeds 44413 --track
-    python benchmark/launch_paper.py --target single_gpu --sizes 1b --seeds 44413 55513
-    python benchmark/launch_paper.py --target slurm --dry_run                 # print the sbatch script
-    python benchmark/launch_paper.py --target slurm --partition hopper-prod   # write and submit it
+    python benchmark/paper/launch_paper.py --target node --dry_run                  # print the 36 commands
+    python benchmark/paper/launch_paper.py --target node --sizes 1b --seeds 44413 --track
+    python benchmark/paper/launch_paper.py --target single_gpu --sizes 1b --seeds 44413 55513
+    python benchmark/paper/launch_paper.py --target slurm --dry_run                 # print the sbatch script
+    python benchmark/paper/launch_paper.py --target slurm --partition hopper-prod   # write and submit it
 """
 
 import argparse
@@ -54,7 +54,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TARGETS = ("node", "single_gpu", "slurm")
 SEEDS = (44413, 55513, 66613, 77713)  # [N+ 1.B.9]
@@ -222,7 +222,7 @@ def slurm_script(sizes: list[str], seeds: list[int], models_dir: str = "models",
         "SEED=${SEEDS[$((TASK % ${#SEEDS[@]}))]}",
         'echo "# task $TASK: $MODEL seed $SEED"',
         "# LAUNCH_DRY_RUN=1: print the task's commands instead of running them",
-        f'{shlex.quote(python)} benchmark/launch_paper.py --target node --sizes "$MODEL" --seeds "$SEED" '
+        f'{shlex.quote(python)} benchmark/paper/launch_paper.py --target node --sizes "$MODEL" --seeds "$SEED" '
         f'{shlex.join(flags)} ${{LAUNCH_DRY_RUN:+--dry_run}}',
         "",
     ])

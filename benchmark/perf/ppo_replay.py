@@ -50,8 +50,8 @@ def scaled_response_logits(policy, query_responses: torch.Tensor, pad_token_id: 
 
 
 def run_ours(argv: list[str]) -> None:
-    """`python benchmark/ppo_replay.py ours <ppo_tldr.py flags>`: ppo_tldr.py with generation replaced."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """`python benchmark/perf/ppo_replay.py ours <ppo_tldr.py flags>`: ppo_tldr.py with generation replaced."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import ppo_tldr
     import tyro
 
@@ -79,5 +79,6 @@ def run_ours(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "ours":
-        raise SystemExit("usage: PPO_REPLAY_FILE=rollouts.json python benchmark/ppo_replay.py ours <ppo_tldr.py flags>")
+        raise SystemExit("usage: PPO_REPLAY_FILE=rollouts.json python benchmark/perf/ppo_replay.py ours "
+                         "<ppo_tldr.py flags>")
     run_ours(sys.argv[2:])

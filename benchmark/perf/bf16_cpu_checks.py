@@ -14,8 +14,8 @@ Four checks, each printing measured numbers:
              master weights move by `steps` Adam steps of the learning rate: changed fraction, and the squared
              movement against the fp32 one
 
-    python benchmark/bf16_cpu_checks.py alloc attention                     # no model needed, about 1 min
-    python benchmark/bf16_cpu_checks.py gradients rounding   # after `bench_ppo.py --precision fp32,bf16`
+    python benchmark/perf/bf16_cpu_checks.py alloc attention                     # no model needed, about 1 min
+    python benchmark/perf/bf16_cpu_checks.py gradients rounding   # after `bench_ppo.py --precision fp32,bf16`
 """
 
 import argparse
@@ -25,7 +25,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 ALLOC_CODE = """
@@ -223,7 +223,8 @@ def main(argv=None) -> dict:
     needs_models = {"gradients", "rounding"} & set(args.checks)
     if needs_models and not os.path.exists(os.path.join(args.model_dir, "rm", "config.json")):
         raise SystemExit(f"{sorted(needs_models)} read the models of a bench run: {args.model_dir}/rm not found; run "
-                         "`python benchmark/bench_ppo.py --model smollm2 --precision fp32,bf16` or pass --model_dir")
+                         "`python benchmark/perf/bench_ppo.py --model smollm2 --precision fp32,bf16` or pass "
+                         "--model_dir")
     results = {}
     for check in args.checks:
         if check == "alloc":

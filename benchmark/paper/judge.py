@@ -6,9 +6,9 @@ where it prefers ours, with a 95% Wilson interval. Any OpenAI-compatible `/chat/
 paper's judge `gpt-3.5-turbo-0125`, or a local vLLM server (`--base_url http://localhost:8000/v1`).
 
     export OPENAI_API_KEY=...
-    python benchmark/judge.py models/pythia-1b/policy_44413/validation_table.csv          # every row, as the paper
-    python benchmark/judge.py runs/sft/validation_table.csv --n 200 --concurrency 8
-    python benchmark/judge.py table.csv --base_url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+    python benchmark/paper/judge.py models/pythia-1b/policy_44413/validation_table.csv         # every row, as the paper
+    python benchmark/paper/judge.py runs/sft/validation_table.csv --n 200 --concurrency 8
+    python benchmark/paper/judge.py table.csv --base_url http://localhost:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
 
 Writes `<table>_judged.csv` (the table plus `preferred` in {ours, reference, invalid}, `judge_answer`, `order`,
 `judge_attempts`, `judge_error`) and `<table>_judged.json` (the summary, also printed).

@@ -2,7 +2,7 @@
 this wrapper runs the stage; the stage itself carries no HTTP client).
 
 Each time ppo_tldr.py writes its validation probe's table (every `--sample_every` updates: the probe's greedy
-responses next to their reference summaries, `samples/update_N.csv`), benchmark/judge.py's client asks any
+responses next to their reference summaries, `samples/update_N.csv`), benchmark/paper/judge.py's client asks any
 OpenAI-compatible server which of the two summaries is better, with the paper's prompt [N+ 1.F.5], and the
 update's health signals gain
   health/judge_win_rate   share of the probe's prompts where the judge prefers the policy's summary (unusable
@@ -16,7 +16,8 @@ needs a larger limit. The best win rate is read back from the monitor's own hist
 keeps, so `--resume` continues with it. The judgements go to `samples/update_N_judged.csv` and are cached in
 `samples/judge_cache.jsonl` (a resumed run asks nothing twice).
 
-    python benchmark/judge_probe.py --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-7B-Instruct \\
+    python benchmark/paper/judge_probe.py --judge_base_url http://localhost:8000/v1 \\
+        --judge_model Qwen/Qwen2.5-7B-Instruct \\
         <ppo_tldr.py flags, with --sample_every 1 and --validation_probe_size 32 or more>
 
 The API key comes from --judge_api_key or $OPENAI_API_KEY. Only rank 0 asks the judge; its value is broadcast, so
@@ -30,7 +31,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import judge  # noqa: E402
 
