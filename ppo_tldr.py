@@ -607,10 +607,9 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 def value_loss(vpred: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                cliprange_value: Optional[float]):
     """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- eps) - R)^2)) over `mask` [N+ 2];
-    returns (loss, clipped). `cliprange_value=None` is the plain squared error (a critic warm-up's loss)."""
-    if cliprange_value is None:
-        return 0.5 * masked_mean(torch.square(vpred - returns), mask), torch.zeros_like(mask)
-    vpredclipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    returns (loss, clipped). `cliprange_value=None` leaves V unclipped: the plain squared error (a critic warm-up)."""
+    vpredclipped = (vpred if cliprange_value is None
+                    else torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value))
     vf_losses1 = torch.square(vpred - returns)
     vf_losses2 = torch.square(vpredclipped - returns)
     loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
