@@ -255,7 +255,7 @@ class Args:
     health_max_duplicate_rise: Optional[float] = 0.25
     """trip when the share of responses that are word for word another prompt's response rises more than this above
     the first update's (one answer for every prompt); None = off"""
-    health_max_probe_gap_rise: Optional[float] = 1.0
+    health_max_probe_gap_rise: Optional[float] = 0.5
     """trip when the validation probe's RM score, minus that of its reference summaries, rises more than this (RM
     units) above the first update's: a jump the offline gold judge showed to be reward hacking; None = off"""
 
@@ -1051,7 +1051,6 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
         if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
             cut_metrics(args.output_dir, resumed["metrics_lines"])
         accelerator.print(f"resumed from {checkpoint} at update {start_update}, episode {episode}")
-    last_state = checkpoint  # the newest good state on disk, named when the run diverges
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
     if resumed is None:  # a resumed run kept this record in metrics.jsonl
         logger.log({"episodes": 0, **data_metrics}, 0)
@@ -1066,64 +1065,21 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
         f"{args.local_micro_batch_size} micro x {derived.gradient_accumulation_steps} accumulation x "
         f"{args.nminibatches} minibatches; {derived.world_size} processes"
     )
-
-    # Per-update statistics, one entry per (epoch, minibatch, micro-batch) as the reference, gathered over ranks at
-    # the end of the update so every logged number covers the whole update [N+ 3].
-    stats_shape = (len(STAT_NAMES), args.noptepochs, args.nminibatches, derived.gradient_accumulation_steps)
     local_batch_size, local_mini_batch_size = derived.local_batch_size, derived.local_mini_batch_size
-    start_time, start_episode = time.time(), episode
 
-    def save_resumable(update: int, episode: int, data_position: int) -> str:
-        """A resumable state of the end of `update` (`save_state_atomic`); returns its folder."""
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        metrics_lines = count_lines(metrics_path) if accelerator.is_main_process else 0
-        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
-        save_state_atomic(accelerator, path, {
-            "update": update, "episode": episode, "data_position": data_position, "metrics_lines": metrics_lines,
-            "run_name": run_name, "world_size": derived.world_size, "args": json.loads(json.dumps(asdict(args))),
-            "health": {"monitor": monitor.state_dict(), **health},
-        }, args.keep_states)
-        return path
-
-    def roll_back(target: int) -> Optional[str]:
-        """Load the state of the end of update `target` (weights, optimizer, RNG) and delete the newer states, so
-        that --resume can never pick an unhealthy one; None (nothing loaded) when that state is not on disk."""
-        root = os.path.join(args.output_dir, "checkpoints")
-        folder = os.path.join(root, f"update_{target:06d}")
-        if not rollback_possible or not os.path.isdir(folder) or state_problem(folder) is not None:
-            return None
-        accelerator.load_state(folder)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for name in os.listdir(root):
-                if name.startswith("update_") and not name.endswith(".tmp") and int(name[7:13]) > target:
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return folder
-
-    if rollback_possible and resumed is None:  # the starting policy, the state to go back to if update 1 goes wrong
-        last_state = save_resumable(0, 0, 0)
-    kept_update = None  # set when a check stops the run: the update whose policy is saved
-
-    def stop_if_diverged(quantities: dict, where: str, weights_untouched: bool) -> None:
-        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). When no
-        optimizer step of this update has run yet, the weights are still those of the end of the previous update: they
-        are saved as its state (unless it is on disk already), so the last good state is never lost."""
-        problem = find_divergence(quantities, where, accelerator.reduce)
-        if problem is None:
-            return
-        kept = last_state
-        if weights_untouched and update > 1:
-            previous = os.path.join(args.output_dir, "checkpoints", f"update_{update - 1:06d}")
-            if last_state != previous:
-                kept = save_resumable(update - 1, episode - args.batch_size, data_position - args.batch_size)
-        progress.close()
-        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
-                                 f"{kept or 'none (no update had finished; --save_every keeps periodic states)'}")
     progress = tqdm(range(start_update, derived.num_updates + 1), initial=start_update - 1, total=derived.num_updates,
                     disable=not accelerator.is_local_main_process, desc="ppo")
+    # part 2: resumable states (a state holds the position, and the monitor's state and recipe changes), and the
+    # end of every update (metrics, the probe's table, the health monitor and its rollback, a safe point)
+    states = RunStates(accelerator, args, run_name, derived.world_size, stop, progress, checkpoint, start_update - 1,
+                       episode=episode, data_position=data_position, health={"monitor": monitor.state_dict(), **health})
+    book = UpdateBookkeeping(args, accelerator, logger, tokenizer, monitor, health, states, derived, episode,
+                             rollback_possible, probe, (probe_queries, probe_reference, probe_reference_scores,
+                                                        probe_reference_mean) if with_probe else None)
+    if rollback_possible and resumed is None:  # the starting policy, the state to go back to if update 1 goes wrong
+        states.save()
+
     for update in progress:
-        update_start = device_time()
         episode += args.batch_size
         # [N+ 1.D.2] linear annealing by hand, at the start of every update (policy LR 0 in a critic warm-up)
         lrs = learning_rates(args.learning_rate, update, derived.num_updates, args.anneal_lr,
@@ -1138,19 +1094,15 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
         model.eval()  # no dropout anyway; eval keeps the KV cache on under gradient checkpointing
 
         # ---- 0. validation probe at T=0.01, scored by the RM [N+ 1.D.24]
-        t0 = time.time()
+        probe_sample = None
         if with_probe:
             with torch.no_grad(), accelerator.autocast():
-                _, probe_responses, validation_score = sample_and_score(unwrapped.policy, reward_model, probe_queries,
-                                                                        tokenizer, eval_config)
-        time_probe = device_time() - t0
-        if with_probe and args.sample_every > 0 and (update - 1) % args.sample_every == 0:  # samples/update_N.csv
-            write_probe_table(args, accelerator, logger, tokenizer, update, probe["id"], probe_queries, probe_responses,
-                              probe_reference, validation_score, probe_reference_scores)
+                _, *probe_sample = sample_and_score(unwrapped.policy, reward_model, probe_queries, tokenizer,
+                                                    eval_config)  # [responses, RM scores]
+        book.clock.lap("validation_probe")
 
         # ---- rollouts, in chunks of local_rollout_forward_batch_size [N+ 1.D.6-12]
         # Shapes: B = local batch, b = chunk, Q = query columns left after trimming, R = response length, V = vocab.
-        time_generation = time_scoring = 0.0
         with torch.no_grad(), accelerator.autocast():
             queries = trim_padding_columns(train_queries[local_rows].to(device), pad, "left")  # (B, Q)
             responses, postprocessed_responses, logprobs, ref_logprobs, values, scores = [], [], [], [], [], []
@@ -1158,10 +1110,8 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                 query = trim_padding_columns(queries[i : i + args.local_rollout_forward_batch_size], pad, "left")
                 context_length = query.shape[1]
                 # 1. sample exactly R tokens at T=0.7; the old log-probs are the generation's own [N+ 1.D.6-7]
-                t0 = device_time()
                 response, logprob = generate_with_logprobs(unwrapped.policy, query, pad, rollout_config, R)  # (b, R)
-                time_generation += device_time() - t0
-                t0 = time.time()
+                book.clock.lap("generation")
                 # 3. response processing 1: keep the first EOS, pad everything after it [N+ 1.D.9]
                 postprocessed_response = truncate_response(response, eos, pad)  # (b, R)
                 # --skip_after_eos: the forwards below compute the first L <= R response columns only
@@ -1180,7 +1130,7 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                 # 5. response processing 2: the RM scores the truncated response at its EOS token [N+ 1.D.12]
                 score = get_score(reward_model, torch.cat((query, postprocessed_response[:, :L]), 1), pad,
                                   context_length)  # (b,)
-                time_scoring += device_time() - t0
+                book.clock.lap("scoring")
                 responses.append(response)
                 postprocessed_responses.append(postprocessed_response)
                 logprobs.append(logprob)
@@ -1222,20 +1172,17 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                 advantages = masked_whiten(advantages, ~padding_mask)
             advantages = torch.masked_fill(advantages, padding_mask, 0)
             # divergence: stop before any optimizer step of this update, so no saved state holds a NaN
-            stop_if_diverged({"objective/scores": scores, "values": values, "logprobs": logprobs,
-                              "ref_logprobs": ref_logprobs, "rewards": rewards, "advantages": advantages,
-                              "returns": returns}, f"update {update} (episode {episode}), rollouts", True)
+            states.stop_if_diverged({"objective/scores": scores, "values": values, "logprobs": logprobs,
+                                     "ref_logprobs": ref_logprobs, "rewards": rewards, "advantages": advantages,
+                                     "returns": returns}, f"update {update} (episode {episode}), rollouts")
 
         # ---- 11. PPO epochs, a fresh shuffle each; one optimizer step per minibatch [N+ 1.D.19]
-        t0 = device_time()
         model.train()
-        stats = torch.zeros(stats_shape, device=device)
-        first_minibatch_max_diff = torch.zeros((), device=device)
-        for ppo_epoch_idx in range(args.noptepochs):
+        for epoch in range(args.noptepochs):
             b_inds = np.random.permutation(local_batch_size)
-            for minibatch_idx, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
+            for minibatch, mini_batch_start in enumerate(range(0, local_batch_size, local_mini_batch_size)):
                 mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + local_mini_batch_size]
-                for ga_idx, micro_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
+                for micro, micro_start in enumerate(range(0, local_mini_batch_size, args.local_micro_batch_size)):
                     with accelerator.accumulate(model):
                         mb = mini_batch_inds[micro_start : micro_start + args.local_micro_batch_size]
                         # L = R, or with --skip_after_eos the response columns up to the last one a loss reads
@@ -1264,77 +1211,27 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
                         # (in a critic warm-up the policy's gradient is 0, not absent: every parameter still gets
                         # one, as distributed training expects, and AdamW's moments of the policy stay 0)
                         loss = (0.0 if warming_up else 1.0) * pg_loss + args.vf_coef * vf_loss
-                        stop_if_diverged({"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss},
-                                         f"update {update} (episode {episode}), PPO epoch {ppo_epoch_idx}, minibatch "
-                                         f"{minibatch_idx}, micro-batch {ga_idx}",
-                                         ppo_epoch_idx == 0 and minibatch_idx == 0)  # no step yet in this update
+                        # the micro-batch's statistics [N+ 3], and a NaN/Inf check before its backward pass
+                        book.micro_batch_done((update, episode, epoch, minibatch, micro), logits, new_logprobs,
+                                              mb_logprobs, ~mb_padding_mask, ~mb_value_padding_mask, pg_loss, vf_loss,
+                                              pg_clipped, vf_clipped, ratio)
                         accelerator.backward(loss)
                         if args.max_grad_norm is not None and accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad()
-                    with torch.no_grad():  # the reference's statistics of every micro-batch [N+ 3]
-                        stats[:, ppo_epoch_idx, minibatch_idx, ga_idx], diff = minibatch_stats(
-                            logits, new_logprobs, mb_logprobs, ~mb_padding_mask, ~mb_value_padding_mask, pg_loss,
-                            vf_loss, pg_clipped, vf_clipped, ratio, args.temperature)
-                        if ppo_epoch_idx == 0 and minibatch_idx == 0:  # on-policy: nothing has been updated yet
-                            first_minibatch_max_diff = torch.maximum(first_minibatch_max_diff, diff)
-        time_training = device_time() - t0
 
-        # ---- logging: every number is a mean over the update, gathered across ranks [N+ 3]
-        rollout = dict(kl=kl, logprobs=logprobs, padding_mask=padding_mask, non_score_reward=non_score_reward,
-                       scores=scores, contain_eos=contain_eos, values=values, returns=returns,
-                       value_padding_mask=value_padding_mask, sequence_lengths=sequence_lengths, responses=responses)
-        times = {"generation": time_generation, "scoring": time_scoring, "training": time_training,
-                 "validation_probe": time_probe, "update": device_time() - update_start}
-        metrics = update_metrics(accelerator, rollout, eos, stats, first_minibatch_max_diff,
-                                 validation_score if with_probe else None, times)
-        episodes_per_second = (episode - start_episode) / (time.time() - start_time)
-        metrics.update({"episodes": episode, "ppo/lr": lrnow, "ppo/lr_value": lr_value, "ppo/episode": episode,
-                        "ppo/eps": int(episodes_per_second), "time/episodes_per_second": episodes_per_second,
-                        "time/peak_memory_gib": peak_memory_gib()})
-        # ---- health monitor: judge-free signals of this update's rollouts (README "Watching a run")
-        texts = accelerator.gather_for_metrics(
-            tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
-        signals = health_update(monitor, metrics, texts, probe_reference_mean if with_probe else None)
-        metrics.update(signals)
-        tripped = monitor.observe(update, signals)
-        logger.log(metrics, episode)
-        if tripped:  # roll back to the last healthy state, record the incident; then stop, or continue, or log on
-            began = monitor.trouble_began(tripped)
-            target = healthy_update(began)
-            folder = roll_back(target) if args.health_action != "log" else None
-            last_state = folder or last_state
-            record_incident(args, accelerator, logger, monitor, health, update, episode, tripped, began, target, folder,
-                            texts)
-            if args.health_action == "stop":
-                kept_update = target if folder else update
-                break
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                             ratio=f"{metrics['check/ratio_first_minibatch']:.4f}")
-
-        # ---- safe point: a resumable state every --save_every updates, and on SIGTERM/SIGINT before exiting
-        last_state = safe_point(accelerator, stop, args.save_every, update, derived.num_updates,
-                                lambda: save_resumable(update, episode, data_position), last_state, progress,
-                                f"update {update} (episode {episode})")
+        # ---- the end of the update (part 2): metrics, each a mean over the update gathered across ranks [N+ 3],
+        #      the probe's table, the health monitor (README "Watching a run"), a safe point; True: stop here
+        if book.end_update(update, episode, data_position, probe_sample, (lrnow, lr_value), kl=kl,
+                           logprobs=logprobs, padding_mask=padding_mask, non_score_reward=non_score_reward,
+                           scores=scores, contain_eos=contain_eos, values=values, returns=returns, responses=responses,
+                           value_padding_mask=value_padding_mask, sequence_lengths=sequence_lengths,
+                           postprocessed_responses=postprocessed_responses):
+            break
     progress.close()
     stop.restore()  # the final save and evaluation are not resumable: from here a signal acts as usual
-    # the run's health summary: which update the saved policy is from, and every incident
-    summary = {"kept_policy_update": kept_update if kept_update is not None else derived.num_updates,
-               "stopped_by_health_monitor": kept_update is not None, **health}
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(args.output_dir, "health"), exist_ok=True)
-        with open(os.path.join(args.output_dir, "health", "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        info_path = os.path.join(args.output_dir, "run_info.json")
-        if os.path.exists(info_path):
-            with open(info_path) as f:
-                info = json.load(f)
-            with open(info_path, "w") as f:
-                json.dump({**info, "health": summary}, f, indent=2)
-    accelerator.print(f"the saved policy is that of update {summary['kept_policy_update']}"
-                      + (" (the last healthy one; the health monitor stopped the run)" if kept_update is not None
-                         else ""))
+    book.write_health_summary()  # health/summary.json: which update the saved policy is from
 
     # ---- save the policy as a standard Hugging Face folder [N+ 1.D.26]
     accelerator.wait_for_everyone()
@@ -1997,6 +1894,55 @@ def count_lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
+class RunStates:
+    """The run's resumable states, the one object a training loop calls for them. After every finished step the
+    stage says where the run stands (`finished`: the step, and what a resumed run needs to continue from it); then
+    `stop_if_diverged` can keep that step's state before stopping, and `safe_point` saves on schedule or on a stop
+    signal. `last` is the newest good state on disk (None before the first)."""
+
+    def __init__(self, accelerator, args, run_name: str, world_size: int, stop: "StopOnSignal", progress,
+                 last: Optional[str], step: int = 0, **position):
+        self.accelerator, self.args, self.run_name, self.world_size = accelerator, args, run_name, world_size
+        self.stop, self.progress, self.last = stop, progress, last
+        self.finished(step, **position)
+
+    def finished(self, step: int, **position) -> None:
+        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds."""
+        self.step, self.position = step, position
+
+    def folder(self, step: int) -> str:
+        return os.path.join(self.args.output_dir, "checkpoints", f"update_{step:06d}")
+
+    def save(self) -> str:
+        """A resumable state of the end of the newest finished step (`save_state_atomic`); returns its folder."""
+        metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
+        self.last = self.folder(self.step)
+        save_state_atomic(self.accelerator, self.last, {
+            "update": self.step, **self.position, "run_name": self.run_name, "world_size": self.world_size,
+            "metrics_lines": count_lines(metrics_path) if self.accelerator.is_main_process else 0,
+            "args": json.loads(json.dumps(asdict(self.args))),
+        }, self.args.keep_states)
+        return self.last
+
+    def stop_if_diverged(self, quantities: dict, where: str, weights_untouched: bool = True) -> None:
+        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). When no
+        optimizer step has run since the newest finished step (`weights_untouched`), the weights are still that
+        step's: they are saved as its state (unless it is on disk already), so the last good state is never lost."""
+        problem = find_divergence(quantities, where, self.accelerator.reduce)
+        if problem is None:
+            return
+        if weights_untouched and self.step > 0 and self.last != self.folder(self.step):
+            self.save()
+        self.progress.close()
+        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
+                                 f"{self.last or 'none (no update had finished; --save_every keeps periodic states)'}")
+
+    def safe_point(self, num_steps: int, what: str) -> None:
+        """`safe_point` at the newest finished step: a state every --save_every steps, and on a stop signal."""
+        self.last = safe_point(self.accelerator, self.stop, self.args.save_every, self.step, num_steps, self.save,
+                               self.last, self.progress, what)
+
+
 # ---- end of the shared plumbing; below, this stage's own
 
 
@@ -2158,6 +2104,166 @@ class HealthMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         self.streak, self.history, self.baseline = dict(state["streak"]), list(state["history"]), state["baseline"]
+
+
+class Stopwatch:
+    """Seconds of each phase of an update by the device clock (`device_time`): `lap(phase)` adds the time since the
+    previous lap (or since `reset`) to the phase; `times()` adds the whole update's."""
+
+    PHASES = ("generation", "scoring", "training", "validation_probe")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = self.mark = device_time()
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    def lap(self, phase: str) -> None:
+        now = device_time()
+        self.seconds[phase] += now - self.mark
+        self.mark = now
+
+    def times(self) -> dict:
+        return {**self.seconds, "update": device_time() - self.start}
+
+
+class MinibatchStats:
+    """One update's micro-batch statistics [N+ 3]: the (len(STAT_NAMES), epochs, minibatches, micro-batches) table
+    of `minibatch_stats`, and the largest |new - old log-prob| of the first minibatch (on-policy, nothing updated
+    yet: about 0 unless the training forward differs from the rollout's)."""
+
+    def __init__(self, shape: tuple, device, temperature: float):
+        self.table = torch.zeros(shape, device=device)
+        self.first_minibatch_max_diff = torch.zeros((), device=device)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def record(self, where: tuple[int, int, int], *tensors) -> None:
+        """`where` = (epoch, minibatch, micro-batch); `tensors`: `minibatch_stats`'s arguments but the temperature."""
+        self.table[(slice(None), *where)], diff = minibatch_stats(*tensors, self.temperature)
+        if where[0] == where[1] == 0:
+            self.first_minibatch_max_diff = torch.maximum(self.first_minibatch_max_diff, diff)
+
+    def reset(self) -> None:
+        self.table.zero_()
+        self.first_minibatch_max_diff.zero_()
+
+
+class UpdateBookkeeping:
+    """The PPO update loop's bookkeeping, none of it PPO: the update's clock (`clock.lap`), each micro-batch's
+    statistics and divergence check (`micro_batch_done`), and at the end of the update (`end_update`) the metrics
+    (`update_metrics`), the validation probe's table (`write_probe_table`), the health monitor and, when a check
+    trips, the rollback and the incident record, the progress bar and the safe point. `end_update` returns True when
+    the run must stop (the monitor's `stop`); `kept_update` then names the update whose policy is kept."""
+
+    def __init__(self, args: Args, accelerator, logger: "Logger", tokenizer, monitor: "HealthMonitor", health: dict,
+                 states: "RunStates", derived: Derived, episode: int, rollback_possible: bool, probe, probe_fixed):
+        self.args, self.accelerator, self.logger, self.tokenizer = args, accelerator, logger, tokenizer
+        self.monitor, self.health, self.states, self.derived = monitor, health, states, derived
+        self.rollback_possible, self.probe = rollback_possible, probe
+        # (queries, reference tokens, their RM scores, their mean over ranks), fixed for the run; None: no probe
+        self.probe_fixed = probe_fixed
+        self.start_time, self.start_episode = time.time(), episode
+        self.kept_update: Optional[int] = None
+        self.clock = Stopwatch()
+        # the reference's statistics of every (epoch, minibatch, micro-batch), gathered over ranks at the end of the
+        # update, so every logged number covers the whole update [N+ 3]
+        self.stats = MinibatchStats((len(STAT_NAMES), args.noptepochs, args.nminibatches,
+                                     derived.gradient_accumulation_steps), accelerator.device, args.temperature)
+
+    def micro_batch_done(self, where: tuple[int, int, int, int, int], *tensors) -> None:
+        """After a micro-batch's losses, before its backward pass: record its statistics (`tensors`:
+        `minibatch_stats`'s arguments but the temperature) and stop on a NaN or Inf loss. `where` = (update, episode,
+        PPO epoch, minibatch, micro-batch); in epoch 0, minibatch 0 no optimizer step of the update has run yet."""
+        update, episode, epoch, minibatch, micro = where
+        self.stats.record((epoch, minibatch, micro), *tensors)
+        self.states.stop_if_diverged({"ppo/loss/policy": tensors[5], "ppo/loss/value": tensors[6]},
+                                     f"update {update} (episode {episode}), PPO epoch {epoch}, minibatch {minibatch}, "
+                                     f"micro-batch {micro}", epoch == minibatch == 0)
+
+    def end_update(self, update: int, episode: int, data_position: int, probe_sample, lrs: tuple[float, float],
+                   postprocessed_responses: torch.Tensor, **rollout) -> bool:
+        """`probe_sample`: (responses, RM scores) of the validation probe, or None; `lrs`: (policy, value) LR;
+        `rollout`: the update's tensors that `update_metrics` reads."""
+        args, accelerator = self.args, self.accelerator
+        self.clock.lap("training")
+        if probe_sample is not None and args.sample_every > 0 and (update - 1) % args.sample_every == 0:
+            queries, references, reference_scores, _ = self.probe_fixed  # samples/update_N.csv
+            write_probe_table(args, accelerator, self.logger, self.tokenizer, update, self.probe["id"], queries,
+                              probe_sample[0], references, probe_sample[1], reference_scores)
+        eos = self.tokenizer.eos_token_id
+        metrics = update_metrics(accelerator, rollout, eos, self.stats.table, self.stats.first_minibatch_max_diff,
+                                 probe_sample[1] if probe_sample is not None else None, self.clock.times())
+        episodes_per_second = (episode - self.start_episode) / (time.time() - self.start_time)
+        metrics.update({"episodes": episode, "ppo/lr": lrs[0], "ppo/lr_value": lrs[1], "ppo/episode": episode,
+                        "ppo/eps": int(episodes_per_second), "time/episodes_per_second": episodes_per_second,
+                        "time/peak_memory_gib": peak_memory_gib()})
+        # the health monitor: judge-free signals of this update's rollouts (README "Watching a run")
+        texts = accelerator.gather_for_metrics(
+            self.tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
+        signals = health_update(self.monitor, metrics, texts,
+                                self.probe_fixed[3] if probe_sample is not None else None)
+        metrics.update(signals)
+        tripped = self.monitor.observe(update, signals)
+        self.logger.log(metrics, episode)
+        if tripped:  # roll back to the last healthy state, record the incident; then stop, or continue, or log on
+            began = self.monitor.trouble_began(tripped)
+            target = healthy_update(began)
+            folder = self.roll_back(target) if args.health_action != "log" else None
+            record_incident(args, accelerator, self.logger, self.monitor, self.health, update, episode, tripped, began,
+                            target, folder, texts)
+            if args.health_action == "stop":
+                self.kept_update = target if folder else update
+                return True
+        self.states.progress.set_postfix(score=f"{metrics['objective/scores']:.3f}",
+                                         kl=f"{metrics['objective/kl']:.3f}",
+                                         ratio=f"{metrics['check/ratio_first_minibatch']:.4f}")
+        # a safe point: a resumable state every --save_every updates, and on SIGTERM/SIGINT before exiting
+        self.states.finished(update, episode=episode, data_position=data_position,
+                             health={"monitor": self.monitor.state_dict(), **self.health})
+        self.states.safe_point(self.derived.num_updates, f"update {update} (episode {episode})")
+        self.stats.reset()
+        self.clock.reset()
+        return False
+
+    def write_health_summary(self) -> int:
+        """health/summary.json (and `health` in run_info.json): which update the saved policy is from, whether the
+        monitor stopped the run, and every incident; returns that update."""
+        args, accelerator = self.args, self.accelerator
+        stopped = self.kept_update is not None
+        summary = {"kept_policy_update": self.kept_update if stopped else self.derived.num_updates,
+                   "stopped_by_health_monitor": stopped, **self.health}
+        if accelerator.is_main_process:
+            os.makedirs(os.path.join(args.output_dir, "health"), exist_ok=True)
+            with open(os.path.join(args.output_dir, "health", "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            info_path = os.path.join(args.output_dir, "run_info.json")
+            if os.path.exists(info_path):
+                with open(info_path) as f:
+                    info = json.load(f)
+                with open(info_path, "w") as f:
+                    json.dump({**info, "health": summary}, f, indent=2)
+        accelerator.print(f"the saved policy is that of update {summary['kept_policy_update']}"
+                          + (" (the last healthy one; the health monitor stopped the run)" if stopped else ""))
+        return summary["kept_policy_update"]
+
+    def roll_back(self, target: int) -> Optional[str]:
+        """Load the state of the end of update `target` (weights, optimizer, RNG) and delete the newer states, so
+        that --resume can never pick an unhealthy one; None (nothing loaded) when that state is not on disk."""
+        accelerator, root = self.accelerator, os.path.join(self.args.output_dir, "checkpoints")
+        folder = self.states.folder(target)
+        if not self.rollback_possible or not os.path.isdir(folder) or state_problem(folder) is not None:
+            return None
+        accelerator.load_state(folder)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in os.listdir(root):
+                if name.startswith("update_") and not name.endswith(".tmp") and int(name[7:13]) > target:
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        accelerator.wait_for_everyone()
+        self.states.last = folder
+        return folder
 
 
 def update_metrics(accelerator, rollout: dict, eos_token_id: int, stats: torch.Tensor,

@@ -498,7 +498,6 @@ def train_sft(args: Args, stop: "StopOnSignal"):
         if accelerator.is_main_process:  # drop what the interrupted run logged after its last state
             cut_metrics(args.output_dir, resumed["metrics_lines"])
         accelerator.print(f"resumed from {checkpoint} at optimizer step {update + 1}")
-    last_state = checkpoint  # the newest good state on disk, named when the run diverges
     logger = Logger(args.output_dir, accelerator.is_main_process, args, run_name)
     if resumed is None:  # a resumed run kept this record in metrics.jsonl
         logger.log(data_metrics, 0)
@@ -522,30 +521,9 @@ def train_sft(args: Args, stop: "StopOnSignal"):
             yield from loader
             epoch += 1
 
-    def save_resumable() -> str:
-        """A resumable state after optimizer step `update` (`save_state_atomic`); returns its folder."""
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        path = os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}")
-        save_state_atomic(accelerator, path, {
-            "update": update, "samples": samples, "run_name": run_name, "world_size": derived.world_size,
-            "metrics_lines": count_lines(metrics_path) if accelerator.is_main_process else 0,
-            "args": json.loads(json.dumps(asdict(args))),
-        }, args.keep_states)
-        return path
-
-    def stop_if_diverged(quantities: dict, where: str) -> None:
-        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). The check runs
-        before the backward pass, so the weights are still those after optimizer step `update`: they are saved as
-        its state (unless it is on disk already), so the last good state is never lost."""
-        problem = find_divergence(quantities, where, accelerator.reduce)
-        if problem is None:
-            return
-        kept = last_state
-        if update > 0 and last_state != os.path.join(args.output_dir, "checkpoints", f"update_{update:06d}"):
-            kept = save_resumable()
-        progress.close()
-        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
-                                 f"{kept or 'none (it diverged before the first optimizer step)'}")
+    # resumable states, divergence and safe points (part 2)
+    states = RunStates(accelerator, args, run_name, derived.world_size, stop, progress, checkpoint, update,
+                       samples=samples)
 
     batches = micro_batches()
     for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
@@ -555,7 +533,7 @@ def train_sft(args: Args, stop: "StopOnSignal"):
         ids = trim_padding_columns(batch["query_reference_response_token"], pad, "right")
         with accelerator.accumulate(model):
             loss = sft_loss(forward(model, ids, pad).logits, ids, pad)
-            stop_if_diverged({"train/sft/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
+            states.stop_if_diverged({"train/sft/loss": loss}, f"optimizer step {update + 1} (micro-batch {micro_step})")
             accelerator.backward(loss)
             if args.max_grad_norm is not None and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -573,8 +551,8 @@ def train_sft(args: Args, stop: "StopOnSignal"):
             progress.update(1)
             progress.set_postfix(loss=f"{loss_mean:.3f}")
             # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
-            last_state = safe_point(accelerator, stop, args.save_every, update, derived.num_updates, save_resumable,
-                                    last_state, progress, f"optimizer step {update}")
+            states.finished(update, samples=samples)
+            states.safe_point(derived.num_updates, f"optimizer step {update}")
     progress.close()
     stop.restore()  # evaluation and the final save are not resumable: from here a signal acts as usual
     train_time = time.time() - start
@@ -1243,6 +1221,55 @@ def cut_metrics(output_dir: str, lines: int) -> None:
 def count_lines(path: str) -> int:
     with open(path) as f:
         return sum(1 for _ in f)
+
+
+class RunStates:
+    """The run's resumable states, the one object a training loop calls for them. After every finished step the
+    stage says where the run stands (`finished`: the step, and what a resumed run needs to continue from it); then
+    `stop_if_diverged` can keep that step's state before stopping, and `safe_point` saves on schedule or on a stop
+    signal. `last` is the newest good state on disk (None before the first)."""
+
+    def __init__(self, accelerator, args, run_name: str, world_size: int, stop: "StopOnSignal", progress,
+                 last: Optional[str], step: int = 0, **position):
+        self.accelerator, self.args, self.run_name, self.world_size = accelerator, args, run_name, world_size
+        self.stop, self.progress, self.last = stop, progress, last
+        self.finished(step, **position)
+
+    def finished(self, step: int, **position) -> None:
+        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds."""
+        self.step, self.position = step, position
+
+    def folder(self, step: int) -> str:
+        return os.path.join(self.args.output_dir, "checkpoints", f"update_{step:06d}")
+
+    def save(self) -> str:
+        """A resumable state of the end of the newest finished step (`save_state_atomic`); returns its folder."""
+        metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
+        self.last = self.folder(self.step)
+        save_state_atomic(self.accelerator, self.last, {
+            "update": self.step, **self.position, "run_name": self.run_name, "world_size": self.world_size,
+            "metrics_lines": count_lines(metrics_path) if self.accelerator.is_main_process else 0,
+            "args": json.loads(json.dumps(asdict(self.args))),
+        }, self.args.keep_states)
+        return self.last
+
+    def stop_if_diverged(self, quantities: dict, where: str, weights_untouched: bool = True) -> None:
+        """Divergence: stop at the first NaN or Inf (a diverged run would train on garbage for hours). When no
+        optimizer step has run since the newest finished step (`weights_untouched`), the weights are still that
+        step's: they are saved as its state (unless it is on disk already), so the last good state is never lost."""
+        problem = find_divergence(quantities, where, self.accelerator.reduce)
+        if problem is None:
+            return
+        if weights_untouched and self.step > 0 and self.last != self.folder(self.step):
+            self.save()
+        self.progress.close()
+        raise FloatingPointError(f"{problem}. Nothing after the last good state was saved. Last good state: "
+                                 f"{self.last or 'none (no update had finished; --save_every keeps periodic states)'}")
+
+    def safe_point(self, num_steps: int, what: str) -> None:
+        """`safe_point` at the newest finished step: a state every --save_every steps, and on a stop signal."""
+        self.last = safe_point(self.accelerator, self.stop, self.args.save_every, self.step, num_steps, self.save,
+                               self.last, self.progress, what)
 
 
 # ---- end of the shared plumbing; below, this stage's own
