@@ -1907,8 +1907,9 @@ class RunStates:
         self.finished(step, **position)
 
     def finished(self, step: int, **position) -> None:
-        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds."""
-        self.step, self.position = step, position
+        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds (a copy
+        of it now: a state saved later, on divergence, must not see what changed since)."""
+        self.step, self.position = step, json.loads(json.dumps(position))
 
     def folder(self, step: int) -> str:
         return os.path.join(self.args.output_dir, "checkpoints", f"update_{step:06d}")

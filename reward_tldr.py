@@ -751,7 +751,7 @@ def train_reward(args: Args, stop: "StopOnSignal"):
 
         # resumable states, divergence and safe points (part 2)
         states = RunStates(accelerator, args, run_name, derived.world_size, stop, progress, checkpoint, update,
-                           samples=samples, accuracies=list(accuracies))
+                           samples=samples, accuracies=accuracies)
 
         batches = iter(loader)
         for _ in range(update * derived.gradient_accumulation_steps):  # resume: replay the data order to its position
@@ -788,7 +788,7 @@ def train_reward(args: Args, stop: "StopOnSignal"):
                 progress.update(1)
                 progress.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.3f}", acc_avg=f"{np.mean(accuracies):.3f}")
                 # safe point: a resumable state every --save_every steps, and on SIGTERM/SIGINT before exiting
-                states.finished(update, samples=samples, accuracies=list(accuracies))
+                states.finished(update, samples=samples, accuracies=accuracies)
                 states.safe_point(derived.num_updates, f"optimizer step {update}")
         progress.close()
         train_time = time.time() - start
@@ -1520,8 +1520,9 @@ class RunStates:
         self.finished(step, **position)
 
     def finished(self, step: int, **position) -> None:
-        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds."""
-        self.step, self.position = step, position
+        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds (a copy
+        of it now: a state saved later, on divergence, must not see what changed since)."""
+        self.step, self.position = step, json.loads(json.dumps(position))
 
     def folder(self, step: int) -> str:
         return os.path.join(self.args.output_dir, "checkpoints", f"update_{step:06d}")

@@ -384,8 +384,12 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
         seq = torch.cat([trim_padding_columns(query, pad, "left"), trim_padding_columns(reference, pad, "right")], 1)
         loss = sft_loss(forward(model, seq, pad).logits, seq, pad)
         losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
-        # (b) sample, then pad everything after the first EOS [N+ 1.B.12]
-        response = truncate_response(generate(unwrapped, trim_padding_columns(query, pad, "left"), pad, gen_config), eos, pad)
+        # (b) sample, then pad everything after the first EOS [N+ 1.B.12]. One autocast context around the whole
+        #     generation: under bf16 the weights are cast once, not at every decoding step, for the same tokens
+        #     (1.2x faster sampling here: `python benchmark/perf/bf16_cpu_checks.py generation`)
+        with accelerator.autocast():
+            response = generate(unwrapped, trim_padding_columns(query, pad, "left"), pad, gen_config)
+        response = truncate_response(response, eos, pad)
         decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
         responses += accelerator.gather_for_metrics(decode(response), use_gather_object=True)
         references += accelerator.gather_for_metrics(decode(reference), use_gather_object=True)
@@ -1236,8 +1240,9 @@ class RunStates:
         self.finished(step, **position)
 
     def finished(self, step: int, **position) -> None:
-        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds."""
-        self.step, self.position = step, position
+        """Step `step` is done (its optimizer steps, logging and checks); `position` is what its state holds (a copy
+        of it now: a state saved later, on divergence, must not see what changed since)."""
+        self.step, self.position = step, json.loads(json.dumps(position))
 
     def folder(self, step: int) -> str:
         return os.path.join(self.args.output_dir, "checkpoints", f"update_{step:06d}")

@@ -59,3 +59,11 @@ def test_timed_attention_kernels_compute_the_same_attention(impl):
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
     out = C.attention(impl, q, k, v, mask)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_one_autocast_context_around_generate_samples_the_same_tokens(tiny_model):
+    """The generation check's claim, on a tiny model: autocast entered once around generate() (its cached bf16 weight
+    copies) gives the tokens of autocast entered at every forward, the way a prepared model samples."""
+    result = C.check_generation(tiny_model, prompts=4, tokens=12, repeats=1)
+    assert result["same_tokens"] is True
+    assert result["per_forward"] > 0 and result["one_context"] > 0

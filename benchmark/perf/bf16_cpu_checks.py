@@ -13,9 +13,14 @@ Four checks, each printing measured numbers:
   rounding   how far the bf16 copies of the weights, which the matmuls see under autocast, move when the fp32
              master weights move by `steps` Adam steps of the learning rate: changed fraction, and the squared
              movement against the fp32 one
+  generation greedy sampling of 16 prompts x 48 tokens under bf16 autocast, entered at every forward (as a prepared
+             model's forward does) against one autocast context around the whole generate() (sft_tldr.py's
+             evaluation): autocast keeps its bf16 copies of the weights while a context is open, so the second
+             casts them once instead of at every decoding step; the tokens must be the same
 
     python benchmark/perf/bf16_cpu_checks.py alloc attention                     # no model needed, about 1 min
     python benchmark/perf/bf16_cpu_checks.py gradients rounding   # after `bench_ppo.py --precision fp32,bf16`
+    python benchmark/perf/bf16_cpu_checks.py generation --model_dir models/smollm2-135m   # any causal LM folder
 """
 
 import argparse
@@ -212,9 +217,41 @@ def check_rounding(model_dir: str, lr: float, steps: int) -> dict:
     return out
 
 
+def check_generation(model_dir: str, prompts: int = 16, tokens: int = 48, repeats: int = 2) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(0)
+    queries = torch.randint(100, model.config.vocab_size - 100, (prompts, 180))  # the offline posts' typical length
+    config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad,
+                              eos_token_id=None)
+    forward = model.forward
+
+    def autocast_forward(*a, **k):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*a, **k)
+
+    model.forward = autocast_forward
+    out, seconds = {}, {}
+    for name in ("per_forward", "one_context", "per_forward", "one_context")[: 2 * repeats]:
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "one_context"):
+            out[name] = model.generate(input_ids=queries, attention_mask=torch.ones_like(queries),
+                                       generation_config=config)
+        seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+    same = torch.equal(out["per_forward"], out["one_context"])
+    print(f"generation: {prompts} x {tokens} tokens, autocast at every forward {seconds['per_forward']:.2f} s, one "
+          f"context around generate() {seconds['one_context']:.2f} s "
+          f"({seconds['per_forward'] / seconds['one_context']:.2f}x); same tokens: {same}")
+    return {**seconds, "same_tokens": same}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checks", nargs="+", choices=["alloc", "attention", "gradients", "rounding"])
+    p.add_argument("checks", nargs="+", choices=["alloc", "attention", "gradients", "rounding", "generation"])
     p.add_argument("--model_dir", default="runs/bench/smollm2_fp32_bf16",
                    help="a bench_ppo.py output folder (sft/, rm/, data/train.jsonl)")
     p.add_argument("--lr", type=float, default=3e-6)
@@ -233,6 +270,8 @@ def main(argv=None) -> dict:
             results[check] = check_attention()
         elif check == "gradients":
             results[check] = check_gradients(args.model_dir)
+        elif check == "generation":
+            results[check] = check_generation(args.model_dir)
         else:
             results[check] = check_rounding(args.model_dir, args.lr, args.steps)
     return results
