@@ -386,7 +386,7 @@ def evaluate(model, tokenizer, dataset, args: Args, accelerator, gen_config):
         losses.append(accelerator.gather_for_metrics(loss.reshape(1)))
         # (b) sample, then pad everything after the first EOS [N+ 1.B.12]. One autocast context around the whole
         #     generation: under bf16 the weights are cast once, not at every decoding step, for the same tokens
-        #     (1.2x faster sampling here: `python benchmark/perf/bf16_cpu_checks.py generation`)
+        #     (1.05x faster sampling on an AMD EPYC: `python benchmark/perf/bf16_cpu_checks.py generation`)
         with accelerator.autocast():
             response = generate(unwrapped, trim_padding_columns(query, pad, "left"), pad, gen_config)
         response = truncate_response(response, eos, pad)
