@@ -1073,11 +1073,11 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
     # end of every update (metrics, the probe's table, the health monitor and its rollback, a safe point)
     states = RunStates(accelerator, args, run_name, derived.world_size, stop, progress, checkpoint, start_update - 1,
                        episode=episode, data_position=data_position, health={"monitor": monitor.state_dict(), **health})
+    if rollback_possible and resumed is None:  # the starting policy, the state to go back to if update 1 goes wrong
+        states.save()
     book = UpdateBookkeeping(args, accelerator, logger, tokenizer, monitor, health, states, derived, episode,
                              rollback_possible, probe, (probe_queries, probe_reference, probe_reference_scores,
                                                         probe_reference_mean) if with_probe else None)
-    if rollback_possible and resumed is None:  # the starting policy, the state to go back to if update 1 goes wrong
-        states.save()
 
     for update in progress:
         episode += args.batch_size
@@ -2163,8 +2163,10 @@ class UpdateBookkeeping:
         self.args, self.accelerator, self.logger, self.tokenizer = args, accelerator, logger, tokenizer
         self.monitor, self.health, self.states, self.derived = monitor, health, states, derived
         self.rollback_possible, self.probe = rollback_possible, probe
-        # (queries, reference tokens, their RM scores, their mean over ranks), fixed for the run; None: no probe
-        self.probe_fixed = probe_fixed
+        # the probe's queries, reference tokens, their RM scores and the scores' mean over ranks, fixed for the run
+        # (all None without a probe)
+        self.probe_queries, self.probe_references, self.probe_reference_scores, self.probe_reference_mean = (
+            probe_fixed or (None,) * 4)
         self.start_time, self.start_episode = time.time(), episode
         self.kept_update: Optional[int] = None
         self.clock = Stopwatch()
@@ -2189,10 +2191,10 @@ class UpdateBookkeeping:
         `rollout`: the update's tensors that `update_metrics` reads."""
         args, accelerator = self.args, self.accelerator
         self.clock.lap("training")
-        if probe_sample is not None and args.sample_every > 0 and (update - 1) % args.sample_every == 0:
-            queries, references, reference_scores, _ = self.probe_fixed  # samples/update_N.csv
-            write_probe_table(args, accelerator, self.logger, self.tokenizer, update, self.probe["id"], queries,
-                              probe_sample[0], references, probe_sample[1], reference_scores)
+        if probe_sample is not None and args.sample_every > 0 and (update - 1) % args.sample_every == 0:  # samples/
+            write_probe_table(args, accelerator, self.logger, self.tokenizer, update, self.probe["id"],  # update_N.csv
+                              self.probe_queries, probe_sample[0], self.probe_references, probe_sample[1],
+                              self.probe_reference_scores)
         eos = self.tokenizer.eos_token_id
         metrics = update_metrics(accelerator, rollout, eos, self.stats.table, self.stats.first_minibatch_max_diff,
                                  probe_sample[1] if probe_sample is not None else None, self.clock.times())
@@ -2204,7 +2206,7 @@ class UpdateBookkeeping:
         texts = accelerator.gather_for_metrics(
             self.tokenizer.batch_decode(postprocessed_responses, skip_special_tokens=True), use_gather_object=True)
         signals = health_update(self.monitor, metrics, texts,
-                                self.probe_fixed[3] if probe_sample is not None else None)
+                                self.probe_reference_mean if probe_sample is not None else None)
         metrics.update(signals)
         tripped = self.monitor.observe(update, signals)
         self.logger.log(metrics, episode)
