@@ -258,6 +258,10 @@ class Args:
     health_max_probe_gap_rise: Optional[float] = 0.5
     """trip when the validation probe's RM score, minus that of its reference summaries, rises more than this (RM
     units) above the first update's: a jump the offline gold judge showed to be reward hacking; None = off"""
+    health_max_update_kl: Optional[float] = 0.1
+    """trip at once (no patience) when the update's own mean approximate KL (`ppo/policy/approxkl_avg`, per token)
+    exceeds this: one update that moved the policy far enough to wreck it, caught before its policy is sampled; the
+    rollback goes to the update before it; None = off"""
 
 
 @dataclass
@@ -868,7 +872,11 @@ HEALTH_CHECKS = {
     "repetition_rise": ("health/repetition_rise", "health_max_repetition_rise"),
     "duplicate_rise": ("health/duplicate_rise", "health_max_duplicate_rise"),
     "probe_gap_rise": ("health/probe_gap_rise", "health_max_probe_gap_rise"),
+    "update_kl": ("health/update_kl", "health_max_update_kl"),
 }
+# Checks of the finished update itself rather than of its rollouts (which come from the previous update's policy):
+# they indict the policy the update just made, so they trip at once and the last healthy policy is the update before.
+UPDATE_CHECKS = ("update_kl",)
 
 
 def repeated_trigram_fraction(text: str) -> float:
@@ -901,15 +909,17 @@ def health_raw(eos_rate: float, length: float, entropy_per_token: float, texts: 
     return raw
 
 
-def health_signals(raw: dict, baseline: dict, kl: float) -> dict:
-    """The checked signals: each raw quantity's change from the first update's (`baseline`), and the KL.
+def health_signals(raw: dict, baseline: dict, kl: float, update_kl: Optional[float] = None) -> dict:
+    """The checked signals: each raw quantity's change from the first update's (`baseline`), the KL, and the
+    update's own mean approximate KL.
 
     eos_drop        1 - EOS rate / the first update's (0 while the policy ends its responses as SFT did)
     length_drift    |mean response length / the first update's - 1|
     entropy_rise    per-token entropy of the rollouts / the first update's - 1
     repetition_rise mean repeated word-trigram fraction - the first update's
     duplicate_rise  share of responses identical to another prompt's - the first update's
-    probe_gap_rise  (probe RM score - its references' RM score) - the first update's"""
+    probe_gap_rise  (probe RM score - its references' RM score) - the first update's
+    update_kl       mean approximate KL per token between the policy during the update's training and its rollouts'"""
     def ratio(key):
         return raw[key] / baseline[key] if baseline[key] > 0 else 1.0
 
@@ -919,6 +929,8 @@ def health_signals(raw: dict, baseline: dict, kl: float) -> dict:
                "health/entropy_rise": ratio("entropy") - 1.0,
                "health/repetition_rise": raw["repetition"] - baseline["repetition"],
                "health/duplicate_rise": raw["duplicates"] - baseline["duplicates"]}
+    if update_kl is not None:
+        signals["health/update_kl"] = update_kl
     if "probe_gap" in raw and "probe_gap" in baseline:
         signals["health/probe_gap"] = raw["probe_gap"]
         signals["health/probe_gap_rise"] = raw["probe_gap"] - baseline["probe_gap"]
@@ -1034,12 +1046,9 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
 
     # the health monitor, and the recipe changes its `continue` action made (kept in every state, so --resume
     # continues with them)
-    monitor = HealthMonitor({"eos_drop": args.health_max_eos_drop, "kl": args.health_max_kl,
-                             "length_drift": args.health_max_length_drift,
-                             "entropy_rise": args.health_max_entropy_rise,
-                             "repetition_rise": args.health_max_repetition_rise,
-                             "duplicate_rise": args.health_max_duplicate_rise,
-                             "probe_gap_rise": args.health_max_probe_gap_rise}, args.health_patience)
+    # (a check added from outside, as judge_probe.py's, is no Args field: its monitor brings the limit)
+    monitor = HealthMonitor({name: getattr(args, flag, None) for name, (_, flag) in HEALTH_CHECKS.items()},
+                            args.health_patience)
     health = {"lr_scale": 1.0, "kl_coef": args.kl_coef, "incidents": []}
     start_update, episode, data_position = 1, 0, 0
     if resumed is not None:
@@ -2091,11 +2100,19 @@ class HealthMonitor:
         failing = failing_checks(signals, self.thresholds)
         for name in self.streak:
             self.streak[name] = self.streak[name] + 1 if name in failing else 0
-        return {name: failing[name] for name in failing if self.streak[name] >= self.patience}
+        return {name: failing[name] for name in failing
+                if self.streak[name] >= (1 if name in UPDATE_CHECKS else self.patience)}
 
     def trouble_began(self, tripped: dict) -> int:
         """The first update of the longest failing streak among the tripped checks."""
         return self.history[-1]["update"] - max(self.streak[name] for name in tripped) + 1
+
+    def last_healthy_update(self, tripped: dict) -> int:
+        """The newest update whose policy no tripped check indicts: a rollout check whose streak began at update s
+        indicts the policy of s - 1 (`healthy_update`); a check of the update itself indicts its own policy."""
+        now = self.history[-1]["update"]
+        return min(now - 1 if name in UPDATE_CHECKS else healthy_update(now - self.streak[name] + 1)
+                   for name in tripped)
 
     def reset(self) -> None:
         self.streak = {name: 0 for name in HEALTH_CHECKS}
@@ -2211,8 +2228,7 @@ class UpdateBookkeeping:
         tripped = self.monitor.observe(update, signals)
         self.logger.log(metrics, episode)
         if tripped:  # roll back to the last healthy state, record the incident; then stop, or continue, or log on
-            began = self.monitor.trouble_began(tripped)
-            target = healthy_update(began)
+            began, target = self.monitor.trouble_began(tripped), self.monitor.last_healthy_update(tripped)
             folder = self.roll_back(target) if args.health_action != "log" else None
             record_incident(args, accelerator, self.logger, self.monitor, self.health, update, episode, tripped, began,
                             target, folder, texts)
@@ -2352,7 +2368,7 @@ def health_update(monitor: "HealthMonitor", metrics: dict, texts: list[str], pro
                      texts, probe_gap)
     if monitor.baseline is None:
         monitor.baseline = raw
-    return health_signals(raw, monitor.baseline, metrics["objective/kl"])
+    return health_signals(raw, monitor.baseline, metrics["objective/kl"], metrics["ppo/policy/approxkl_avg"])
 
 
 def record_incident(args: Args, accelerator, logger: "Logger", monitor: "HealthMonitor", health: dict, update: int,

@@ -54,3 +54,25 @@ def test_health_table_and_figure(tmp_path, capsys):
     assert out.splitlines()[0].startswith("update | probe_rm | probe_gold | eos_drop | kl | length_drift")
     assert "entropy_rise" not in out.splitlines()[0]
     assert (run / "health" / "health_curves.png").stat().st_size > 0
+
+    # the monitor replayed on the same run with other limits: eos_drop at 0.8 trips once (updates 3-4 at 0.7, 0.9:
+    # only update 4 fails), patience 1 trips at update 4 and indicts the policy of update 3
+    assert hc.replay(rows, got_limits, patience=2) == [
+        {"update": 4, "tripped": {"eos_drop": [0.9, 0.5]}, "last_healthy_update": 1}]
+    assert hc.replay(rows, hc.parse_limits(["eos_drop=0.8"], got_limits), patience=1) == [
+        {"update": 4, "tripped": {"eos_drop": [0.9, 0.8]}, "last_healthy_update": 2}]
+    assert hc.replay(rows, hc.parse_limits(["eos_drop=none"], got_limits), patience=2) == []
+    hc.main(["--ppo_dir", str(run), "--data_dir", corpus, "--limit", "kl=5", "--out", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert "limits changed: {'kl': 5.0}: update 4 (eos_drop, kl) -> last healthy update 1" in out
+    verdict = json.loads(out.split("verdict: ")[1].splitlines()[0])
+    assert verdict["tripped_at_update"] == 4 and verdict["kept_update"] == 1 and verdict["caught_in_time"] is False
+
+
+def test_replay_limits_must_name_a_check():
+    import pytest
+
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        hc.parse_limits(["no_such_check=1"], {})
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        hc.parse_limits(["kl="], {})

@@ -1011,6 +1011,9 @@ def test_each_health_check_fires_on_its_own_fault_and_not_on_a_healthy_update():
         signals = P.health_signals(P.health_raw(**kwargs), start, 4.0)
         assert set(P.failing_checks(signals, HEALTH_LIMITS)) == {name}, (name, signals)
     assert set(P.failing_checks(P.health_signals(healthy, start, 10.5), HEALTH_LIMITS)) == {"kl"}
+    # the update's own step: an approximate KL of 0.23 per token wrecked a policy in one update, healthy runs <= 0.007
+    assert set(P.failing_checks(P.health_signals(healthy, start, 4.0, update_kl=0.23), HEALTH_LIMITS)) == {"update_kl"}
+    assert P.failing_checks(P.health_signals(healthy, start, 4.0, update_kl=0.007), HEALTH_LIMITS) == {}
     # None switches a check off; a starting policy that never ends (EOS rate 0) cannot drop
     assert P.failing_checks(P.health_signals(healthy, start, 10.5), {**HEALTH_LIMITS, "kl": None}) == {}
     never_ends = P.health_raw(0.0, 30.0, 0.7, ["a"])
@@ -1035,6 +1038,21 @@ def test_a_check_trips_only_after_patience_consecutive_failing_updates():
     assert restored.streak == monitor.streak and restored.history == monitor.history
 
 
+def test_a_check_of_the_update_itself_trips_at_once_and_indicts_that_update():
+    monitor = P.HealthMonitor({**HEALTH_LIMITS}, patience=2)
+    ok = {"health/kl": 1.0, "health/update_kl": 0.005}
+    assert monitor.observe(1, ok) == {} and monitor.observe(2, ok) == {}
+    tripped = monitor.observe(3, {**ok, "health/update_kl": 0.3})  # no patience: its policy was never sampled
+    assert tripped == {"update_kl": (0.3, 0.1)}
+    assert monitor.trouble_began(tripped) == 3 and monitor.last_healthy_update(tripped) == 2
+    # with a rollout check tripping beside it, the older of the two last healthy policies wins
+    monitor.reset()
+    monitor.observe(4, {**ok, "health/kl": 11.0})
+    both = monitor.observe(5, {**ok, "health/kl": 11.0, "health/update_kl": 0.3})
+    assert set(both) == {"kl", "update_kl"} and monitor.last_healthy_update(both) == P.healthy_update(4) == 2
+    assert monitor.last_healthy_update({"update_kl": None}) == 4
+
+
 def _fail_eos_at(monkeypatch, updates):
     """Make the EOS check fail at `updates` (the real signals otherwise): the monitor sees a policy that stopped
     ending its responses there."""
@@ -1046,6 +1064,28 @@ def _fail_eos_at(monkeypatch, updates):
         return original(self, update, signals)
 
     monkeypatch.setattr(P.HealthMonitor, "observe", observe)
+
+
+def test_an_update_that_moved_too_far_rolls_back_to_the_update_before(llama_chain, sft_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    original = P.HealthMonitor.observe
+
+    def observe(self, update, signals):  # update 3's training moved the policy too far (approximate KL 1 per token)
+        assert "health/update_kl" in signals
+        return original(self, update, {**signals, "health/update_kl": 1.0} if update == 3 else signals)
+
+    monkeypatch.setattr(P.HealthMonitor, "observe", observe)
+    out = tmp_path / "run"
+    run_ppo(llama_chain, sft_data, str(out), total_episodes=48, save_every=1, keep_states=3, max_eval_samples=3)
+    incident = json.load(open(out / "health" / "incident_update_000003.json"))
+    assert list(incident["tripped"]) == ["update_kl"] and incident["last_healthy_update"] == 2
+    assert incident["rolled_back_to"].endswith("update_000002")
+    assert json.load(open(out / "health" / "summary.json"))["kept_policy_update"] == 2
+    assert max(os.listdir(out / "checkpoints")) == "update_000002"  # update 3's state is gone
+    state = load_file(str(out / "checkpoints" / "update_000002" / "model.safetensors"))
+    policy = load_file(str(out / "model.safetensors"))
+    assert policy and all(torch.equal(policy[k], state["policy." + k]) for k in policy)
 
 
 def test_a_tripped_check_rolls_back_to_the_saved_weights_and_stops(llama_chain, sft_data, tmp_path, monkeypatch):

@@ -7,6 +7,12 @@ is drawn as its signal divided by its limit, so every check trips where its line
 never sees: the figure then shows whether the monitor tripped before the gold score fell.
 
     python benchmark/paper/health_curves.py --ppo_dir runs/offline/ppo --data_dir data/tldr_synth
+
+With `--limit` and `--patience` it also replays the monitor on the finished run with other limits: the signals are
+logged every update and do not depend on the limits, so a run logged with `--health_action log` (or one that never
+tripped) shows when other limits would have tripped and which policy they would have kept, without a new run:
+
+    python benchmark/paper/health_curves.py --ppo_dir runs/long_s1/ppo --data_dir data/tldr_synth --limit kl=1.0
 """
 
 import argparse
@@ -39,6 +45,8 @@ def health_rows(ppo_dir: str, examples: dict | None = None) -> tuple[list[dict],
     for u, record in enumerate(updates, start=1):
         row = {"update": u, "objective_kl": record["objective/kl"],
                **{name: record.get(metric) for name, (metric, _) in CHECKS.items()}}
+        if row.get("update_kl") is None:  # runs logged before the check existed: the same number, its own name
+            row["update_kl"] = record.get("ppo/policy/approxkl_avg")
         probe = os.path.join(ppo_dir, "samples", f"update_{u:06d}.csv")
         if os.path.exists(probe):
             table = load_csv(probe)
@@ -48,6 +56,35 @@ def health_rows(ppo_dir: str, examples: dict | None = None) -> tuple[list[dict],
                 row["probe_gold"] = sum(gold_scores(table, examples, "response")) / len(table)
         rows.append(row)
     return rows, limits
+
+
+def replay(rows: list[dict], limits: dict, patience: int) -> list[dict]:
+    """The incidents `ppo_tldr.HealthMonitor` would have recorded on these rows (`health_rows`) with `limits` and
+    `patience`, in the shape of health/summary.json's: each with its update, the tripped checks ({name: [value,
+    limit]}) and the last healthy update (`HealthMonitor.last_healthy_update`). As with `--health_action log`, the run goes on
+    after each incident and the patience starts again."""
+    from ppo_tldr import HealthMonitor
+
+    monitor, incidents = HealthMonitor(limits, patience), []
+    for row in rows:
+        signals = {metric: row[name] for name, (metric, _) in CHECKS.items() if row.get(name) is not None}
+        tripped = monitor.observe(row["update"], signals)
+        if tripped:
+            incidents.append({"update": row["update"], "tripped": {n: list(v) for n, v in tripped.items()},
+                              "last_healthy_update": monitor.last_healthy_update(tripped)})
+            monitor.reset()
+    return incidents
+
+
+def parse_limits(pairs: list[str], limits: dict) -> dict:
+    """`limits` with each NAME=VALUE of `pairs` applied (VALUE `none` switches the check off)."""
+    out = dict(limits)
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in CHECKS or not value:
+            raise SystemExit(f"--limit {pair!r}: expected NAME=VALUE with NAME one of {', '.join(CHECKS)}")
+        out[name] = None if value.lower() == "none" else float(value)
+    return out
 
 
 def failing(row: dict, limits: dict) -> list[str]:
@@ -101,6 +138,9 @@ def main(argv=None) -> None:
     p.add_argument("--ppo_dir", required=True, help="a ppo_tldr.py output folder")
     p.add_argument("--data_dir", help="the synthetic corpus (offline task): adds the probe's gold score")
     p.add_argument("--out", help="PNG path (default <ppo_dir>/health/health_curves.png)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="replay the monitor with this check's limit changed (repeatable; VALUE none = off)")
+    p.add_argument("--patience", type=int, help="replay the monitor with this patience (default: the run's)")
     args = p.parse_args(argv)
     examples = None
     if args.data_dir:
@@ -123,10 +163,35 @@ def main(argv=None) -> None:
         print(f"kept policy: update {summary['kept_policy_update']}; incidents: "
               + ("; ".join(f"update {i['update']} ({', '.join(i['tripped'])}) -> last healthy update "
                            f"{i['last_healthy_update']}" for i in summary["incidents"]) or "none"))
+    if args.limit or args.patience is not None:
+        print_replay(args, rows, parse_limits(args.limit, limits), examples)
     out = args.out or os.path.join(args.ppo_dir, "health", "health_curves.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     plot_health(out, rows, limits, summary)
     print(f"wrote {out}")
+
+
+def print_replay(args, rows: list[dict], limits: dict, examples: dict | None) -> None:
+    """The replayed monitor's incidents; on the offline task also provoke.py's verdict (gold fall before the first
+    trip, the kept policy's probe gold against the final policy's on the same prompts)."""
+    run_args = json.load(open(os.path.join(args.ppo_dir, "run_info.json")))["args"]
+    patience = args.patience if args.patience is not None else run_args.get("health_patience", 2)  # Args' default
+    incidents = replay(rows, limits, patience)
+    changed = {n: v for n, v in limits.items() if v != run_args.get(CHECKS[n][1])}
+    print(f"replayed with patience {patience}, limits changed: {changed or 'none'}: " + (
+        "; ".join(f"update {i['update']} ({', '.join(i['tripped'])}) -> last healthy update "
+                  f"{i['last_healthy_update']}" for i in incidents) or "no trip"))
+    if examples is not None:
+        from offline_pipeline import gold_scores, load_csv
+        from provoke import verdict
+
+        final, probe = (os.path.join(args.ppo_dir, p) for p in ("validation_table.csv", "samples/update_000001.csv"))
+        final_gold = None
+        if os.path.exists(final) and os.path.exists(probe):  # the final policy on the probe's prompts
+            ids = {r["id"] for r in load_csv(probe)}
+            final = [r for r in load_csv(final) if r["id"] in ids]
+            final_gold = sum(gold_scores(final, examples, "response")) / len(final) if final else None
+        print("verdict: " + json.dumps(verdict(rows, incidents, final_gold)))
 
 
 if __name__ == "__main__":
