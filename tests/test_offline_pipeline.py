@@ -88,6 +88,29 @@ def test_rm_data_mixes_synthetic_pairs_and_the_sft_policys_samples(corpus, tmp_p
         assert (tmp_path / "rm_data" / f"{split}.jsonl").read_bytes() == (tmp_path / "again" / f"{split}.jsonl").read_bytes()
 
 
+def test_length_balanced_synthetic_pairs_leave_length_no_clue_to_the_label(corpus):
+    rows = synth.read_jsonl(os.path.join(corpus, "comparisons", "train.jsonl"))
+
+    def sides(selected):
+        words = [[len(s["text"].split()) for s in r["summaries"]] for r in selected]
+        return [(w[r["choice"]] > w[1 - r["choice"]]) - (w[r["choice"]] < w[1 - r["choice"]])
+                for r, w in zip(selected, words)]
+
+    plain = sides(op.pair_rows(rows, 40, 0, "synthetic"))
+    balanced_rows = op.pair_rows(rows, 40, 0, "synthetic", balance_length=True)
+    balanced = sides(balanced_rows)
+    assert plain.count(-1) > plain.count(1)  # the corpus' rejected summaries run long (filler, repetition)
+    assert len(balanced) == 40 and balanced.count(1) == balanced.count(-1) == 20
+    ids = {r["info"]["id"] + str(r["summaries"]) for r in rows}
+    assert all(r["info"]["id"] + str(r["summaries"]) in ids and r["extra"]["source"] == "synthetic"
+               for r in balanced_rows)
+    assert balanced_rows == op.pair_rows(rows, 40, 0, "synthetic", balance_length=True)  # deterministic
+    # fewer rows of one side than n / 2: all of them, the rest from the other side
+    few_longer = [r for r, side in zip(rows, sides(rows)) if side == -1][:30] + [
+        r for r, side in zip(rows, sides(rows)) if side == 1][:3]
+    assert sorted(sides(op.pair_rows(few_longer, 10, 0, "synthetic", balance_length=True))) == [-1] * 7 + [1] * 3
+
+
 def test_report_ranks_policies_by_their_gold_win_rate_against_the_references(corpus, tmp_path):
     """Hand-made tables: the "untrained" model writes truncated summaries, "SFT" the references themselves and "PPO"
     the complete summaries, so the report must rank them in that order against the references."""

@@ -53,11 +53,11 @@ PROFILES = {
     # PPO: 32 rollouts per update in 2 minibatches, 2 epochs; the first 3 updates train the value model alone, at
     # its own LR of 1e-4 (README "Measured": without them the critic never caught up and PPO ended level with SFT)
     "default": dict(eval_samples=200, sft_episodes=192, sft_batch=8, sft_lr=1e-4, sample_prompts=96,
-                    rm_synthetic_pairs=192, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=64, rm_eval_model=100,
+                    rm_synthetic_pairs=192, rm_balance_length=1, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=64, rm_eval_model=100,
                     ppo_episodes=288, ppo_batch=32, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=3,
                     ppo_value_lr=1e-4, ppo_nminibatches=2, ppo_epochs=2, probe_size=32),
     "full": dict(eval_samples=200, sft_episodes=384, sft_batch=8, sft_lr=1e-4, sample_prompts=128,
-                 rm_synthetic_pairs=256, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
+                 rm_synthetic_pairs=256, rm_balance_length=1, rm_batch=4, rm_lr=3e-5, rm_eval_synthetic=100, rm_eval_model=100,
                  ppo_episodes=480, ppo_batch=32, ppo_lr=1e-5, ppo_kl_coef=0.05, ppo_critic_warmup=3,
                  ppo_value_lr=1e-4, ppo_nminibatches=2, ppo_epochs=2, probe_size=32),
 }
@@ -90,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--rm_synthetic_pairs", type=int, help="synthetic comparison pairs in the RM training mix")
     p.add_argument("--rm_batch", type=int, help="RM global batch")
     p.add_argument("--rm_lr", type=float, help="RM learning rate")
+    p.add_argument("--rm_balance_length", type=int, choices=(0, 1),
+                   help="1: the synthetic training pairs are length-balanced (`pair_rows`); 0: a plain random subset, "
+                        "in which the chosen summary is the shorter one 60%% of the time and the RM learns that")
     p.add_argument("--rm_eval_synthetic", type=int, help="synthetic RM validation pairs (next to the SFT pairs)")
     p.add_argument("--rm_eval_model", type=int, help="RM validation pairs of an SFT sample against the reference")
     p.add_argument("--ppo_episodes", type=int, help="PPO episodes (rollouts)")
@@ -163,10 +166,22 @@ def pick_precision(requested: str) -> tuple[str, dict]:
     return choose_precision(measured["fp32"], measured["bf16"]), {f"{k}_gflops": v for k, v in measured.items()}
 
 
-def pair_rows(rows: list[dict], n: int, seed: int, tag: str) -> list[dict]:
-    """A deterministic random subset of `n` rows (all when n >= len(rows)), tagged in `extra.source`."""
+def pair_rows(rows: list[dict], n: int, seed: int, tag: str, balance_length: bool = False) -> list[dict]:
+    """A deterministic random subset of `n` rows (all when n >= len(rows)), tagged in `extra.source`.
+
+    balance_length: as many rows whose chosen summary has more words than the rejected one as rows where it has
+    fewer (alternating, in the shuffled order; rows of equal length, then the longer side's surplus, fill up to n),
+    so that length alone cannot predict the label."""
     rows = list(rows)
     random.Random(f"offline pipeline {tag} {seed}").shuffle(rows)
+    if balance_length:
+        sides: dict[int, list[dict]] = {1: [], -1: [], 0: []}
+        for row in rows:
+            chosen, rejected = (len(row["summaries"][k]["text"].split()) for k in (row["choice"], 1 - row["choice"]))
+            sides[(chosen > rejected) - (chosen < rejected)].append(row)
+        pairs = min(len(sides[1]), len(sides[-1]), n // 2)
+        rows = ([r for pair in zip(sides[1][:pairs], sides[-1][:pairs]) for r in pair] + sides[0]
+                + sides[1][pairs:] + sides[-1][pairs:])
     return [dict(row, extra=dict(row.get("extra") or {}, source=tag)) for row in rows[:n]]
 
 
@@ -443,7 +458,8 @@ def build_rm_data(args, sft_tables: list[str], sft_validation_table: str, out_di
     synthetic = {split: tldr_synth.read_jsonl(os.path.join(args.data_dir, "comparisons", f"{split}.jsonl"))
                  for split in ("train", "validation")}
     data = {
-        "train": pair_rows(synthetic["train"], args.rm_synthetic_pairs, args.seed, "synthetic")
+        "train": pair_rows(synthetic["train"], args.rm_synthetic_pairs, args.seed, "synthetic",
+                           balance_length=bool(args.rm_balance_length))
         + pair_rows(model_train, len(model_train), args.seed, "sft_samples"),
         "validation": pair_rows(synthetic["validation"], args.rm_eval_synthetic, args.seed, "synthetic")
         + pair_rows(model_validation, args.rm_eval_model, args.seed, "sft_vs_reference"),
