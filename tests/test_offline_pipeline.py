@@ -134,6 +134,15 @@ def test_report_ranks_policies_by_their_gold_win_rate_against_the_references(cor
     flawed = 1 - sum(synth.reference_flaw(synth._example_story(r)[0]) == "none" for r in validation) / len(validation)
     assert rates["PPO"] == pytest.approx(flawed + (1 - flawed) / 2, abs=6e-4)  # beats every flawed reference, ties the rest
     assert "PPO against SFT, head to head" in report
+    # mean words: the complete summaries (PPO) run longer than the truncated ones (untrained)
+    mean_words = {line.split("|")[1].strip(): float(line.split("|")[5]) for line in report.splitlines()
+                  if line.startswith(("| untrained |", "| SFT |", "| PPO |", "| references |"))}
+    assert mean_words["untrained"] < mean_words["references"] == mean_words["SFT"] < mean_words["PPO"]
+
+
+def test_longer_wins_counts_only_pairs_of_unequal_length():
+    assert op.longer_wins([True, True, False, True], [5, 3, 7, 4], [3, 5, 2, 4]) == pytest.approx(1 / 3)
+    assert op.longer_wins([True], [4], [4]) is None
 
 
 def test_the_stages_chain_end_to_end_on_a_tiny_model(tiny_model, corpus, tmp_path):
@@ -147,6 +156,7 @@ def test_the_stages_chain_end_to_end_on_a_tiny_model(tiny_model, corpus, tmp_pat
              "--ppo_critic_warmup", "1", "--probe_size", "2"])
     report = (run / "report.md").read_text()
     for line in ("| untrained |", "| SFT |", "| PPO |", "PPO against SFT, head to head", "| sft_vs_reference | 6 |",
+                 "longer wins: labels / RM |",
                  "| synthetic | 6 |", "Validation probe (2 prompts)", "(`health_curves.png`)"):
         assert line in report, line
     assert (run / "health_curves.png").stat().st_size > 0

@@ -195,6 +195,17 @@ def win_rate(scores_a: list[float], scores_b: list[float]) -> tuple[float, float
     return mean, 1.96 * math.sqrt(var / len(wins))
 
 
+def words(text: str) -> int:
+    return len(str(text).split())
+
+
+def longer_wins(first_wins: list[bool], first_words: list[int], second_words: list[int]) -> float | None:
+    """Among pairs whose two summaries differ in length, the share in which the longer one wins (None if none
+    differ): 0.5 when length tells nothing about the winner."""
+    kept = [win == (a > b) for win, a, b in zip(first_wins, first_words, second_words) if a != b]
+    return sum(kept) / len(kept) if kept else None
+
+
 def tie_rate(scores_a: list[float], scores_b: list[float]) -> float:
     return sum(a == b for a, b in zip(scores_a, scores_b)) / len(scores_a)
 
@@ -302,12 +313,15 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
         lines += ["", "## Gold win rates", "",
                   f"{len(common)} held-out validation prompts, greedy samples (T=0.01), judged by the gold judge; "
                   "ties count 1/2; ± is the half-width of the 95% interval.", "",
-                  "| policy | win rate vs the references | ties | mean gold score |", "|---|---|---|---|"]
+                  "| policy | win rate vs the references | ties | mean gold score | mean words |",
+                  "|---|---|---|---|---|"]
         for name, g in gold.items():
             scores = [g[i] for i in common]
+            length = {row["id"]: words(row["response"]) for row in tables[name]}
             lines.append(f"| {name} | {fmt(win_rate(scores, ref))} | {tie_rate(scores, ref):.3f} | "
-                         f"{sum(scores) / len(scores):.3f} |")
-        lines += [f"| references | | | {sum(ref) / len(ref):.3f} |", ""]  # the blank line ends the table
+                         f"{sum(scores) / len(scores):.3f} | {sum(length[i] for i in common) / len(common):.1f} |")
+        ref_words = sum(words(val[i]["summary"]) for i in common) / len(common)
+        lines += [f"| references | | | {sum(ref) / len(ref):.3f} | {ref_words:.1f} |", ""]  # a blank line ends it
         if "PPO" in gold and "SFT" in gold:
             ppo, sft = [gold["PPO"][i] for i in common], [gold["SFT"][i] for i in common]
             lines.append(f"PPO against SFT, head to head on the same prompts: {fmt(win_rate(ppo, sft))} "
@@ -341,26 +355,33 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
         lines += ["", "## Reward model", "",
                   "Validation pairs the RM never trained on; labels drawn from the noisy judge. The ceiling is the "
                   "expected accuracy of a perfect judge against these noisy labels (mean of max(p, 1 - p)).", "",
-                  "| pairs | n | accuracy vs labels | vs gold preference | ceiling | accuracy / ceiling |",
-                  "|---|---|---|---|---|---|"]
+                  "| pairs | n | accuracy vs labels | vs gold preference | ceiling | accuracy / ceiling | longer "
+                  "wins: labels / RM |", "|---|---|---|---|---|---|---|"]
         groups: dict[str, list[int]] = {"all": list(range(len(pairs)))}
         for i, row in enumerate(cmp_rows):
             groups.setdefault(row["extra"].get("source", "synthetic"), []).append(i)
         for name, idx in groups.items():
-            right, gold_right, margins = [], [], []
+            right, gold_right, margins, lengths, label_a, rm_a = [], [], [], [], [], []
             for i in idx:
                 p, row = pairs[i], cmp_rows[i]
                 a, b = (s["text"] for s in row["summaries"])
+                lengths.append((words(a), words(b)))
                 margin = tldr_synth.gold_score(row, a) - tldr_synth.gold_score(row, b)
                 rm_prefers_a = (p["chosen_rewards"] > p["rejected_rewards"]) == (row["choice"] == 0)
                 right.append(float(p["chosen_rewards"] > p["rejected_rewards"]))
                 gold_right.append(float(margin != 0 and rm_prefers_a == (margin > 0)) + 0.5 * (margin == 0))
                 margins.append(margin)
+                label_a.append(row["choice"] == 0)
+                rm_a.append(rm_prefers_a)
+            longer = [longer_wins(wins, *zip(*lengths)) for wins in (label_a, rm_a)]
             ceiling = tldr_synth.expected_agreement(margins, meta["label_temperature"])
             acc = win_rate(right, [0.5] * len(right))
             lines.append(f"| {name} | {len(idx)} | {fmt(acc)} | {sum(gold_right) / len(gold_right):.3f} | "
-                         f"{ceiling:.3f} | {acc[0] / ceiling:.2f} |")
-        lines.append("\nCalibration: `rm/validation_calibration.png`.")
+                         f"{ceiling:.3f} | {acc[0] / ceiling:.2f} | "
+                         + " / ".join("-" if x is None else f"{x:.2f}" for x in longer) + " |")
+        lines.append("\nLonger wins: among pairs whose summaries differ in length, the share in which the labels (and "
+                     "the RM) prefer the longer one; 0.5 when length tells nothing. Calibration: "
+                     "`rm/validation_calibration.png`.")
 
     # ---- PPO
     ppo_metrics = os.path.join(d["ppo"], "metrics.jsonl")
