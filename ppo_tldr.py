@@ -998,7 +998,7 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
     if accelerator.is_main_process:
         if resumed is None:  # a fresh run never appends to an older run's records
             set_aside_previous_run(args.output_dir, accelerator.print)
-        write_run_info(args.output_dir, args, derived)
+        write_run_info(args.output_dir, args, derived, accelerator.mixed_precision)
     for m in (policy, ref_policy, critic.model, reward_model.model):
         disable_dropout(m)
     ref_policy.config.use_cache = False  # full forwards only: do not keep a KV cache of every query
@@ -1046,9 +1046,13 @@ def train_ppo(args: Args, stop: "StopOnSignal"):
 
     # the health monitor, and the recipe changes its `continue` action made (kept in every state, so --resume
     # continues with them)
-    # (a check added from outside, as judge_probe.py's, is no Args field: its monitor brings the limit)
-    monitor = HealthMonitor({name: getattr(args, flag, None) for name, (_, flag) in HEALTH_CHECKS.items()},
-                            args.health_patience)
+    monitor = HealthMonitor({"eos_drop": args.health_max_eos_drop, "kl": args.health_max_kl,
+                             "length_drift": args.health_max_length_drift,
+                             "entropy_rise": args.health_max_entropy_rise,
+                             "repetition_rise": args.health_max_repetition_rise,
+                             "duplicate_rise": args.health_max_duplicate_rise,
+                             "probe_gap_rise": args.health_max_probe_gap_rise,
+                             "update_kl": args.health_max_update_kl}, args.health_patience)
     health = {"lr_scale": 1.0, "kl_coef": args.kl_coef, "incidents": []}
     start_update, episode, data_position = 1, 0, 0
     if resumed is not None:
@@ -1307,8 +1311,9 @@ class Logger:
             self.wandb.log({name: wandb.Table(dataframe=df)})
 
 
-def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
-    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+def write_run_info(output_dir: str, args: Args, derived: Derived, mixed_precision: str) -> None:
+    """Resolved args, derived sizes, the precision (accelerate's mixed_precision: no, bf16, fp16), argv, git SHA and
+    package versions, for provenance."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
@@ -1322,8 +1327,8 @@ def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
         except ImportError:
             pass
     # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
-    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
-            "python": platform.python_version(), "versions": versions}
+    info = {"args": asdict(args), "derived": asdict(derived), "mixed_precision": mixed_precision, "argv": sys.argv,
+            "cwd": os.getcwd(), "git_sha": sha, "python": platform.python_version(), "versions": versions}
     with open(os.path.join(output_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
 
@@ -2399,8 +2404,9 @@ def record_incident(args: Args, accelerator, logger: "Logger", monitor: "HealthM
     logger.log({"health/incident": 1.0, "health/rolled_back_to_update": target if folder else -1,
                 "health/lr_scale": health["lr_scale"], "health/kl_coef": health["kl_coef"]}, episode)
     accelerator.print(
-        f"health: {', '.join(f'{n} {v:.3g} (limit {t:g})' for n, (v, t) in tripped.items())} for "
-        f"{args.health_patience} updates; trouble began at update {began}; "
+        f"health: {', '.join(f'{n} {v:.3g} (limit {t:g})' for n, (v, t) in tripped.items())} "
+        + ("in this update" if all(n in UPDATE_CHECKS for n in tripped) else f"for {args.health_patience} updates")
+        + f"; trouble began at update {began}; "
         + (f"rolled back to the state of update {target}" if folder else "no state to roll back to")
         + f"; {args.health_action} (incident in {args.output_dir}/health)")
 

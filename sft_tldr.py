@@ -468,7 +468,7 @@ def train_sft(args: Args, stop: "StopOnSignal"):
     if accelerator.is_main_process:
         if resumed is None:  # a fresh run never appends to an older run's records
             set_aside_previous_run(args.output_dir, accelerator.print)
-        write_run_info(args.output_dir, args, derived)
+        write_run_info(args.output_dir, args, derived, accelerator.mixed_precision)
 
     if args.preprocess_only:
         if accelerator.is_main_process:
@@ -631,8 +631,9 @@ class Logger:
             self.wandb.log({name: wandb.Table(dataframe=df)})
 
 
-def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
-    """Resolved args, derived sizes, argv, git SHA and package versions, for provenance."""
+def write_run_info(output_dir: str, args: Args, derived: Derived, mixed_precision: str) -> None:
+    """Resolved args, derived sizes, the precision (accelerate's mixed_precision: no, bf16, fp16), argv, git SHA and
+    package versions, for provenance."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True
@@ -646,8 +647,8 @@ def write_run_info(output_dir: str, args: Args, derived: Derived) -> None:
         except ImportError:
             pass
     # cwd: relative paths in args (checkpoints, data) resolve against the folder the run was started in
-    info = {"args": asdict(args), "derived": asdict(derived), "argv": sys.argv, "cwd": os.getcwd(), "git_sha": sha,
-            "python": platform.python_version(), "versions": versions}
+    info = {"args": asdict(args), "derived": asdict(derived), "mixed_precision": mixed_precision, "argv": sys.argv,
+            "cwd": os.getcwd(), "git_sha": sha, "python": platform.python_version(), "versions": versions}
     with open(os.path.join(output_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
 

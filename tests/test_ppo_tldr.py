@@ -537,6 +537,7 @@ def test_ppo_run_is_on_policy_at_first_and_writes_its_outputs(gpt2_chain, sft_da
     assert policy.generation_config.eos_token_id == tok.eos_token_id and tok.pad_token_id != tok.eos_token_id
     info = json.load(open(os.path.join(out, "run_info.json")))
     assert info["derived"]["gradient_accumulation_steps"] == 2
+    assert info["mixed_precision"] == "no"  # the precision a run used is on record (bf16 runs differ in numerics)
 
 
 def count_work(monkeypatch):

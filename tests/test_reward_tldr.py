@@ -353,6 +353,7 @@ def test_end_to_end_outputs(trained):
     assert ((df["chosen_rewards"] > df["rejected_rewards"]) == (df["accuracy"] == 1)).all()
     for f in ("config.json", "model.safetensors", "tokenizer.json", "run_info.json", "validation_calibration.csv"):
         assert os.path.exists(os.path.join(out, f)), f
+    assert json.load(open(os.path.join(out, "run_info.json")))["mixed_precision"] == "no"
 
 
 def test_normalisation_makes_reference_mean_zero_after_reload(trained):

@@ -62,10 +62,10 @@ def verdict(rows: list[dict], incidents: list[dict], final_gold: float | None) -
     return out
 
 
-def run(cmd: list[str], log_path: str) -> None:
-    print("$ " + " ".join(cmd), flush=True)
+def run(cmd: list[str], log_path: str, env: dict) -> None:
+    print("$ " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd), flush=True)
     with open(log_path, "w") as log:
-        if subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT):
+        if subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}):
             raise SystemExit(f"failed; see {log_path}")
 
 
@@ -89,6 +89,9 @@ def main(argv=None) -> None:
     os.makedirs(out, exist_ok=True)
     py, sft, rm = sys.executable, os.path.join(args.run_dir, "sft"), os.path.join(args.run_dir, "rm")
     sft_data = os.path.join(args.data_dir, "sft")
+    # the precision the pipeline picked for this run's stages (offline_pipeline.py's precision.json)
+    precision = json.load(open(os.path.join(args.run_dir, "precision.json")))["chosen"]
+    env = {"ACCELERATE_MIXED_PRECISION": "bf16" if precision == "bf16" else "no"}
     ppo = ["--learning_rate", "1e-5", "--kl_coef", "0.05"]
     if args.kind == "kl0":
         ppo = ["--learning_rate", "3e-5", "--kl_coef", "0"]
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
             run([py, "reward_tldr.py", "--sft_model_path", sft, "--dataset", rm_data, "--sft_dataset", sft_data,
                  "--output_dir", rm, "--total_episodes", str(args.rm_pairs), "--batch_size", "4", "--learning_rate",
                  "3e-5", "--seed", str(args.seed), "--normalization_samples", "32", "--max_eval_samples", "64",
-                 "--local_eval_batch_size", "8"], os.path.join(out, "rm.log"))
+                 "--local_eval_batch_size", "8"], os.path.join(out, "rm.log"), env)
     ppo_dir = os.path.join(out, "ppo")
     run([py, "ppo_tldr.py", "--sft_model_path", sft, "--reward_model_path", rm, "--dataset", sft_data,
          "--output_dir", ppo_dir, "--total_episodes", str(args.updates * args.batch), "--batch_size", str(args.batch),
@@ -110,7 +113,7 @@ def main(argv=None) -> None:
          "--critic_warmup_updates", "0", "--eval_splits", "validation", "--sample_every", "1",
          "--validation_probe_size", str(args.probe_size), "--max_eval_samples", str(args.probe_size),
          "--local_eval_batch_size", "16", "--stop_generation_at_eos", "--skip_after_eos", "--health_action", "log",
-         "--seed", str(args.seed)], os.path.join(out, "ppo.log"))
+         "--seed", str(args.seed)], os.path.join(out, "ppo.log"), env)
     examples = {r["id"]: r for r in tldr_synth.read_jsonl(os.path.join(sft_data, "validation.jsonl"))}
     rows, _ = health_rows(ppo_dir, examples)
     summary = json.load(open(os.path.join(ppo_dir, "health", "summary.json")))
