@@ -179,7 +179,7 @@ def pair_rows(rows: list[dict], n: int, seed: int, tag: str, balance_length: boo
     if balance_length:
         sides: dict[int, list[dict]] = {1: [], -1: [], 0: []}
         for row in rows:
-            chosen, rejected = (len(row["summaries"][k]["text"].split()) for k in (row["choice"], 1 - row["choice"]))
+            chosen, rejected = (words(row["summaries"][k]["text"]) for k in (row["choice"], 1 - row["choice"]))
             sides[(chosen > rejected) - (chosen < rejected)].append(row)
         pairs = min(len(sides[1]), len(sides[-1]), n // 2)
         rows = ([r for pair in zip(sides[1][:pairs], sides[-1][:pairs]) for r in pair] + sides[0]
