@@ -66,4 +66,4 @@ def test_one_autocast_context_around_generate_samples_the_same_tokens(tiny_model
     copies) gives the tokens of autocast entered at every forward, the way a prepared model samples."""
     result = C.check_generation(tiny_model, prompts=4, tokens=12, repeats=1)
     assert result["same_tokens"] is True
-    assert result["per_forward"] > 0 and result["one_context"] > 0
+    assert result["per_forward"] > 0 and result["one_context"] > 0 and result["fp32"] > 0

@@ -33,6 +33,18 @@ def test_the_judge_flags_are_taken_and_the_rest_goes_to_ppo_tldr():
                 "--sample_every", "0"])
 
 
+def test_the_answer_cap_reaches_the_client(monkeypatch):
+    """--judge_max_tokens goes into every request (a local server may otherwise write 1024 tokens per answer)."""
+    seen = {}
+    monkeypatch.setattr(J, "install", lambda ppo, client, *rest: seen.setdefault("client", client))
+    monkeypatch.setattr(P, "main", lambda args: None)
+    base = ["--judge_base_url", "http://x/v1", "--sft_model_path", "s", "--reward_model_path", "r"]
+    J.main(base + ["--judge_max_tokens", "64"])
+    assert seen.pop("client").max_tokens == 64
+    J.main(base)
+    assert seen.pop("client").max_tokens is None  # the server's default
+
+
 @pytest.fixture
 def patched(monkeypatch):
     """install() replaces module attributes of ppo_tldr: register them so the test restores them. And every probe is

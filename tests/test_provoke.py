@@ -1,4 +1,4 @@
-"""benchmark/offline/provoke.py: the length-biased relabelling and the verdict on a provoked run."""
+"""benchmark/offline/provoke.py: the length-biased relabellings and the verdict on a provoked run."""
 
 import provoke
 
@@ -11,6 +11,7 @@ def test_length_biased_labels_always_choose_the_longer_summary():
     assert [r["choice"] for r in out] == [0, 1, 0]
     assert [r["choice"] for r in rows] == [1, 0, 1]  # the input rows are left as they were
     assert out[0]["info"] == {"id": "x"}
+    assert [r["choice"] for r in provoke.length_biased(rows, longer=False)] == [1, 0, 0]  # short_rm; ties: the first
 
 
 def rows(golds):

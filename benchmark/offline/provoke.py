@@ -1,10 +1,13 @@
 """Over-optimising PPO runs provoked on purpose, to see whether the health monitor (README "Watching a run") trips
 before the gold judge, which it never sees, finds the policy worse.
 
-Two kinds, both from the offline pipeline's SFT model (`--run_dir`, after `offline_pipeline.py` has run):
+Three kinds, all from the offline pipeline's SFT model (`--run_dir`, after `offline_pipeline.py` has run):
   kl0        no KL penalty and a 3x learning rate, against the pipeline's reward model;
   length_rm  the default PPO settings against a deliberately biased reward model, trained on the pipeline's RM
-             pairs relabelled so that the longer summary always wins.
+             pairs relabelled so that the longer summary always wins;
+  short_rm   the same with the opposite bias, the shorter summary always wins: the direction the pipeline's own RM
+             leans (README "Measured": it prefers the shorter summary more often than the labels do), and the
+             one in which the gold judge loses facts as the summaries shrink.
 Each PPO run uses `--health_action log`: the monitor writes its incidents and the run goes on, so one run shows both
 the policy the monitor would have kept (its last healthy update) and the one the run ends with. The validation probe
 is sampled before every update, and the final policy is evaluated on the same prompts. The verdict, per run:
@@ -29,12 +32,14 @@ sys.path.insert(0, os.path.join(ROOT, "benchmark", "paper"))
 GOLD_FALL = 0.05  # the most the probe's gold may fall below its best before the monitor trips
 
 
-def length_biased(rows: list[dict]) -> list[dict]:
-    """The same comparison rows, each labelled so that the summary with more words is chosen (ties: the first)."""
+def length_biased(rows: list[dict], longer: bool = True) -> list[dict]:
+    """The same comparison rows, each labelled so that the summary with more words (longer=False: fewer) is chosen
+    (ties: the first)."""
     out = []
     for row in rows:
         words = [len(s["text"].split()) for s in row["summaries"]]
-        out.append({**row, "choice": int(words[1] > words[0])})
+        second_wins = words[1] > words[0] if longer else words[1] < words[0]
+        out.append({**row, "choice": int(second_wins)})
     return out
 
 
@@ -73,11 +78,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", default="runs/offline", help="an offline pipeline run (its sft/, rm/, rm_data/)")
     p.add_argument("--data_dir", default="data/tldr_synth")
-    p.add_argument("--kind", choices=("kl0", "length_rm"), required=True)
+    p.add_argument("--kind", choices=("kl0", "length_rm", "short_rm"), required=True)
     p.add_argument("--updates", type=int, default=6)
     p.add_argument("--batch", type=int, default=16, help="rollouts per update")
     p.add_argument("--probe_size", type=int, default=32)
-    p.add_argument("--rm_pairs", type=int, default=160, help="length_rm: relabelled pairs the biased RM trains on")
+    p.add_argument("--rm_pairs", type=int, default=160,
+                   help="length_rm, short_rm: relabelled pairs the biased RM trains on")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out_dir", help="default <run_dir>/provoked_<kind>")
     args = p.parse_args(argv)
@@ -100,7 +106,8 @@ def main(argv=None) -> None:
         os.makedirs(rm_data, exist_ok=True)
         for split in ("train", "validation"):
             rows = tldr_synth.read_jsonl(os.path.join(args.run_dir, "rm_data", f"{split}.jsonl"))
-            tldr_synth.write_jsonl(os.path.join(rm_data, f"{split}.jsonl"), length_biased(rows))
+            tldr_synth.write_jsonl(os.path.join(rm_data, f"{split}.jsonl"),
+                                  length_biased(rows, longer=args.kind == "length_rm"))
         if not os.path.exists(os.path.join(rm, "model.safetensors")):
             run([py, "reward_tldr.py", "--sft_model_path", sft, "--dataset", rm_data, "--sft_dataset", sft_data,
                  "--output_dir", rm, "--total_episodes", str(args.rm_pairs), "--batch_size", "4", "--learning_rate",

@@ -20,8 +20,10 @@ keeps, so `--resume` continues with it. The judgements go to `samples/update_N_j
         --judge_model Qwen/Qwen2.5-7B-Instruct \\
         <ppo_tldr.py flags, with --sample_every 1 and --validation_probe_size 32 or more>
 
-The API key comes from --judge_api_key or $OPENAI_API_KEY. Only rank 0 asks the judge; its value is broadcast, so
-every rank's monitor takes the same decision.
+A local server works as well as a hosted one, e.g. `transformers serve <model folder>` with --judge_model <model
+folder>; --judge_max_tokens caps each answer (that server writes up to 1024 tokens otherwise). The API key comes from
+--judge_api_key or $OPENAI_API_KEY. Only rank 0 asks the judge; its value is broadcast, so every rank's monitor takes
+the same decision.
 """
 
 import argparse
@@ -95,6 +97,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="limit of health/judge_drop (negative: log the signals, never trip)")
     p.add_argument("--judge_concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--judge_seed", type=int, default=0, help="seed of the A/B order per row")
+    p.add_argument("--judge_max_tokens", type=int, default=None,
+                   help="cap on each answer's tokens (default: the server's; transformers serve writes up to 1024)")
     return p.parse_known_args(argv)
 
 
@@ -108,7 +112,8 @@ def main(argv: list[str]) -> None:
     if args.validation_probe_size == 0 or args.sample_every == 0:
         raise SystemExit("the judge reads the validation probe's table: set --validation_probe_size > 0 and "
                          "--sample_every > 0")
-    client = judge.Client(base_url=opts.judge_base_url, model=opts.judge_model, api_key=opts.judge_api_key)
+    client = judge.Client(base_url=opts.judge_base_url, model=opts.judge_model, api_key=opts.judge_api_key,
+                          max_tokens=opts.judge_max_tokens)
     max_drop = None if opts.judge_max_drop < 0 or math.isinf(opts.judge_max_drop) else opts.judge_max_drop
     install(ppo_tldr, client, max_drop, opts.judge_seed, opts.judge_concurrency)
     ppo_tldr.main(args)

@@ -16,7 +16,8 @@ Four checks, each printing measured numbers:
   generation greedy sampling of 16 prompts x 48 tokens under bf16 autocast, entered at every forward (as a prepared
              model's forward does) against one autocast context around the whole generate() (sft_tldr.py's
              evaluation): autocast keeps its bf16 copies of the weights while a context is open, so the second
-             casts them once instead of at every decoding step; the tokens must be the same
+             casts them once instead of at every decoding step; the tokens must be the same. And fp32 without
+             autocast, whose decoding steps (16 rows: small matmuls) need not gain from bf16 as much as training does
 
     python benchmark/perf/bf16_cpu_checks.py alloc attention                     # no model needed, about 1 min
     python benchmark/perf/bf16_cpu_checks.py gradients rounding   # after `bench_ppo.py --precision fp32,bf16`
@@ -234,9 +235,9 @@ def check_generation(model_dir: str, prompts: int = 16, tokens: int = 48, repeat
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return forward(*a, **k)
 
-    model.forward = autocast_forward
     out, seconds = {}, {}
-    for name in ("per_forward", "one_context", "per_forward", "one_context")[: 2 * repeats]:
+    for name in ("fp32", "per_forward", "one_context") * repeats:
+        model.forward = autocast_forward if name == "per_forward" else forward
         start = time.perf_counter()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "one_context"):
             out[name] = model.generate(input_ids=queries, attention_mask=torch.ones_like(queries),
@@ -245,7 +246,8 @@ def check_generation(model_dir: str, prompts: int = 16, tokens: int = 48, repeat
     same = torch.equal(out["per_forward"], out["one_context"])
     print(f"generation: {prompts} x {tokens} tokens, autocast at every forward {seconds['per_forward']:.2f} s, one "
           f"context around generate() {seconds['one_context']:.2f} s "
-          f"({seconds['per_forward'] / seconds['one_context']:.2f}x); same tokens: {same}")
+          f"({seconds['per_forward'] / seconds['one_context']:.2f}x); same tokens: {same}; fp32 without autocast "
+          f"{seconds['fp32']:.2f} s ({seconds['fp32'] / seconds['one_context']:.2f}x the one-context bf16 time)")
     return {**seconds, "same_tokens": same}
 
 
