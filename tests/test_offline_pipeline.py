@@ -138,6 +138,14 @@ def test_report_ranks_policies_by_their_gold_win_rate_against_the_references(cor
     mean_words = {line.split("|")[1].strip(): float(line.split("|")[5]) for line in report.splitlines()
                   if line.startswith(("| untrained |", "| SFT |", "| PPO |", "| references |"))}
     assert mean_words["untrained"] < mean_words["references"] == mean_words["SFT"] < mean_words["PPO"]
+    # key-fact coverage and invented concepts: the complete summaries state every fact and make nothing up; the
+    # references miss facts where their flaw drops or blurs one; the truncated ones cover least
+    coverage = {line.split("|")[1].strip(): float(line.split("|")[6]) for line in report.splitlines()
+                if line.startswith(("| untrained |", "| SFT |", "| PPO |", "| references |"))}
+    invented = {line.split("|")[1].strip(): float(line.split("|")[7]) for line in report.splitlines()
+                if line.startswith(("| PPO |", "| references |"))}
+    assert coverage["PPO"] == 1.0 and invented["PPO"] == 0.0
+    assert coverage["untrained"] < coverage["references"] == coverage["SFT"] < 1.0
 
 
 def test_longer_wins_counts_only_pairs_of_unequal_length():

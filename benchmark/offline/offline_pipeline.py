@@ -212,13 +212,19 @@ def tie_rate(scores_a: list[float], scores_b: list[float]) -> float:
     return sum(a == b for a, b in zip(scores_a, scores_b)) / len(scores_a)
 
 
-def gold_scores(table: list[dict], examples: dict[str, dict], column: str) -> list[float]:
-    """Gold score of `column` for each table row, looked up by the row's id."""
+def gold_breakdowns(table: list[dict], examples: dict[str, dict], column: str) -> list[dict]:
+    """The gold judge's terms (score, key-fact coverage, invented concepts, ...; `tldr_synth.gold_breakdown`) of
+    `column` for each table row, looked up by the row's id."""
     missing = [row["id"] for row in table if row["id"] not in examples]
     if missing:
         raise ValueError(f"{len(missing)} table ids are not in the dataset, e.g. {missing[:3]}")
-    return [tldr_synth.gold_score(examples[row["id"]], str(row[column]) if row[column] == row[column] else "")
+    return [tldr_synth.gold_breakdown(examples[row["id"]], str(row[column]) if row[column] == row[column] else "")
             for row in table]
+
+
+def gold_scores(table: list[dict], examples: dict[str, dict], column: str) -> list[float]:
+    """Gold score of `column` for each table row, looked up by the row's id."""
+    return [terms["score"] for terms in gold_breakdowns(table, examples, column)]
 
 
 def peak_update(values: list[float]) -> int:
@@ -307,23 +313,34 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
     tables = {name: load_csv(os.path.join(d[key], "validation_table.csv"))
               for name, key in (("untrained", "base"), ("SFT", "sft"), ("PPO", "ppo"))
               if os.path.exists(os.path.join(d[key], "validation_table.csv"))}
-    gold = {name: {row["id"]: s for row, s in zip(table, gold_scores(table, val, "response"))}
-            for name, table in tables.items()}
+    terms = {name: {row["id"]: t for row, t in zip(table, gold_breakdowns(table, val, "response"))}
+             for name, table in tables.items()}
+    gold = {name: {i: t["score"] for i, t in by_id.items()} for name, by_id in terms.items()}
     if gold:
         common = sorted(set.intersection(*(set(g) for g in gold.values())))
-        ref = [tldr_synth.gold_score(val[i], val[i]["summary"]) for i in common]
+        ref_terms = [tldr_synth.gold_breakdown(val[i], val[i]["summary"]) for i in common]
+        ref = [t["score"] for t in ref_terms]
+
+        def mean_terms(rows: list[dict]) -> str:  # the judge's two main terms: what it covers, what it makes up
+            return (f"{sum(t['coverage'] for t in rows) / len(rows):.3f} | "
+                    f"{sum(len(t['invented']) for t in rows) / len(rows):.3f}")
+
         lines += ["", "## Gold win rates", "",
                   f"{len(common)} held-out validation prompts, greedy samples (T=0.01), judged by the gold judge; "
-                  "ties count 1/2; ± is the half-width of the 95% interval.", "",
-                  "| policy | win rate vs the references | ties | mean gold score | mean words |",
-                  "|---|---|---|---|---|"]
+                  "ties count 1/2; ± is the half-width of the 95% interval. Key-fact coverage: the share of the "
+                  "post's four key facts a summary states; invented: concepts per summary that the post never "
+                  "mentions.", "",
+                  "| policy | win rate vs the references | ties | mean gold score | mean words | key-fact coverage "
+                  "| invented |", "|---|---|---|---|---|---|---|"]
         for name, g in gold.items():
             scores = [g[i] for i in common]
             length = {row["id"]: words(row["response"]) for row in tables[name]}
             lines.append(f"| {name} | {fmt(win_rate(scores, ref))} | {tie_rate(scores, ref):.3f} | "
-                         f"{sum(scores) / len(scores):.3f} | {sum(length[i] for i in common) / len(common):.1f} |")
+                         f"{sum(scores) / len(scores):.3f} | {sum(length[i] for i in common) / len(common):.1f} | "
+                         f"{mean_terms([terms[name][i] for i in common])} |")
         ref_words = sum(words(val[i]["summary"]) for i in common) / len(common)
-        lines += [f"| references | | | {sum(ref) / len(ref):.3f} | {ref_words:.1f} |", ""]  # a blank line ends it
+        lines += [f"| references | | | {sum(ref) / len(ref):.3f} | {ref_words:.1f} | {mean_terms(ref_terms)} |",
+                  ""]  # a blank line ends the table
         if "PPO" in gold and "SFT" in gold:
             ppo, sft = [gold["PPO"][i] for i in common], [gold["SFT"][i] for i in common]
             lines.append(f"PPO against SFT, head to head on the same prompts: {fmt(win_rate(ppo, sft))} "
