@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "benchmark", "paper"))
 
+from offline_pipeline import gold_scores, load_csv, words  # noqa: E402
+
 GOLD_FALL = 0.05  # the most the probe's gold may fall below its best before the monitor trips
 
 
@@ -37,8 +39,8 @@ def length_biased(rows: list[dict], longer: bool = True) -> list[dict]:
     (ties: the first)."""
     out = []
     for row in rows:
-        words = [len(s["text"].split()) for s in row["summaries"]]
-        second_wins = words[1] > words[0] if longer else words[1] < words[0]
+        first, second = (words(s["text"]) for s in row["summaries"])
+        second_wins = second > first if longer else second < first
         out.append({**row, "choice": int(second_wins)})
     return out
 
@@ -89,7 +91,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import tldr_synth
     from health_curves import health_rows
-    from offline_pipeline import gold_scores, load_csv
 
     out = args.out_dir or os.path.join(args.run_dir, f"provoked_{args.kind}")
     os.makedirs(out, exist_ok=True)
