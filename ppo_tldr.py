@@ -2404,11 +2404,17 @@ def record_incident(args: Args, accelerator, logger: "Logger", monitor: "HealthM
     logger.log({"health/incident": 1.0, "health/rolled_back_to_update": target if folder else -1,
                 "health/lr_scale": health["lr_scale"], "health/kl_coef": health["kl_coef"]}, episode)
     accelerator.print(
-        f"health: {', '.join(f'{n} {v:.3g} (limit {t:g})' for n, (v, t) in tripped.items())} "
-        + ("in this update" if all(n in UPDATE_CHECKS for n in tripped) else f"for {args.health_patience} updates")
-        + f"; trouble began at update {began}; "
+        f"health: {tripped_text(tripped, args.health_patience)}; trouble began at update {began}; "
         + (f"rolled back to the state of update {target}" if folder else "no state to roll back to")
         + f"; {args.health_action} (incident in {args.output_dir}/health)")
+
+
+def tripped_text(tripped: dict, patience: int) -> str:
+    """The tripped checks in words, each with its own window: a check of the finished update (UPDATE_CHECKS) failed
+    "in this update", a rollout check "for <patience> updates" in a row (an update can trip both kinds at once)."""
+    return ", ".join(f"{n} {v:.3g} (limit {t:g}) "
+                     + ("in this update" if n in UPDATE_CHECKS else f"for {patience} updates")
+                     for n, (v, t) in tripped.items())
 
 
 def healthy_update(trouble_began: int) -> int:

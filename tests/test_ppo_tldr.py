@@ -1052,6 +1052,8 @@ def test_a_check_of_the_update_itself_trips_at_once_and_indicts_that_update():
     both = monitor.observe(5, {**ok, "health/kl": 11.0, "health/update_kl": 0.3})
     assert set(both) == {"kl", "update_kl"} and monitor.last_healthy_update(both) == P.healthy_update(4) == 2
     assert monitor.last_healthy_update({"update_kl": None}) == 4
+    # and the message gives each check its own window
+    assert P.tripped_text(both, 2) == "kl 11 (limit 10) for 2 updates, update_kl 0.3 (limit 0.1) in this update"
 
 
 def _fail_eos_at(monkeypatch, updates):
