@@ -17,7 +17,7 @@ a post against each other and each against the reference), labelled by the same 
 
     # default profile (90 min on a 2-core AMD EPYC in bf16, README "Measured")
     python benchmark/offline/offline_pipeline.py --run_dir runs/offline
-    # more RM pairs and a longer PPO (not yet measured)
+    # twice the SFT data, more RM pairs and a longer PPO (SFT and RM measured, README "Measured"; PPO not yet)
     python benchmark/offline/offline_pipeline.py --profile full --run_dir runs/offline_full
     # redo the report only
     python benchmark/offline/offline_pipeline.py --run_dir runs/offline --stages report
