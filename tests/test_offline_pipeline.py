@@ -148,6 +148,26 @@ def test_report_ranks_policies_by_their_gold_win_rate_against_the_references(cor
     assert coverage["untrained"] < coverage["references"] == coverage["SFT"] < 1.0
 
 
+def test_report_says_when_the_ppo_stage_did_not_finish(corpus, tmp_path):
+    """A PPO stage that died after its first update left metrics but no policy: the report must say so, not
+    summarise the partial record as a finished run; once the policy is saved, the warning goes."""
+    run = tmp_path / "run"
+    d = {k: str(run / k) for k in ("base", "sft", "samples", "rm", "ppo")}
+    os.makedirs(d["ppo"])
+    with open(os.path.join(d["ppo"], "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"episodes": 32, "objective/scores": -0.3, "objective/kl": 0.0,
+                            "objective/response_length": 20.0, "objective/eos_fraction": 0.9,
+                            "time/episodes_per_second": 0.1}) + "\n")
+    args = op.parse_args(["--data_dir", corpus, "--run_dir", str(run)])
+    op.write_report(args, d, {}, {"chosen": "fp32"})
+    report = (run / "report.md").read_text()
+    assert "The PPO stage did not finish" in report and "1 updates, 32 episodes" in report
+    open(os.path.join(d["ppo"], "model.safetensors"), "w").close()
+    op.write_report(args, d, {}, {"chosen": "fp32"})
+    report = (run / "report.md").read_text()
+    assert "did not finish" not in report and "1 updates, 32 episodes" in report
+
+
 def test_longer_wins_counts_only_pairs_of_unequal_length():
     assert op.longer_wins([True, True, False, True], [5, 3, 7, 4], [3, 5, 2, 4]) == pytest.approx(1 / 3)
     assert op.longer_wins([True], [4], [4]) is None

@@ -415,7 +415,11 @@ def write_report(args, d: dict[str, str], timings: dict[str, float], precision: 
             if "objective/validation_score" in updates[0]:
                 panels[0][2]["validation probe (T=0.01)"] = [r["objective/validation_score"] for r in updates]
             plot_lines(os.path.join(args.run_dir, "ppo_curves.png"), panels, "episodes")
-            lines += ["", "## PPO", "", f"{len(updates)} updates, {x[-1]} episodes (`ppo_curves.png`). "
+            lines += ["", "## PPO", ""]
+            if not done(d["ppo"], "model.safetensors"):  # a stage that died (or still runs) saved no policy
+                lines += ["**The PPO stage did not finish** (no policy saved in `ppo/`; see `ppo.log`): what follows "
+                          "is its partial record.", ""]
+            lines += [f"{len(updates)} updates, {x[-1]} episodes (`ppo_curves.png`). "
                       f"RM score on rollouts {updates[0]['objective/scores']:.3f} -> "
                       f"{updates[-1]['objective/scores']:.3f}, KL {updates[-1]['objective/kl']:.3f}, EOS rate "
                       f"{updates[-1]['objective/eos_fraction']:.2f}, "
